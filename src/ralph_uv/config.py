@@ -76,10 +76,12 @@ def paths(environ: Mapping[str, str] | None = None) -> Paths:
     if home:
         root = Path(home).expanduser().resolve()
         return Paths(root / "data", root / "state", root / "config", root / "run")
-    runtime = Path(platformdirs.user_runtime_dir(APP_NAME))
-    if not os.access(runtime.parent, os.W_OK):
+    xdg_runtime = env.get("XDG_RUNTIME_DIR", "")
+    if xdg_runtime and os.access(xdg_runtime, os.W_OK):
+        runtime = Path(xdg_runtime) / APP_NAME
+    else:
         # No XDG runtime directory (a plain ssh login without systemd-logind, a container):
-        # fall back to a per-user folder that keeps socket paths short.
+        # a per-user folder (created 0700 by whoever makes sockets) keeps socket paths short.
         runtime = Path(f"/tmp/{APP_NAME}-{os.getuid()}")
     return Paths(
         data=Path(platformdirs.user_data_dir(APP_NAME)),

@@ -1,3 +1,5 @@
 """Imports every command module so that each registers its commands on the group."""
 
 from __future__ import annotations
+
+from ralph_uv.cli import tasks as _tasks  # noqa: F401
