@@ -2,4 +2,5 @@
 
 from __future__ import annotations
 
+from ralph_uv.cli import agents as _agents  # noqa: F401
 from ralph_uv.cli import tasks as _tasks  # noqa: F401

@@ -1,0 +1,183 @@
+"""``ralph-uv run``: start a Ralph loop on a task."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from ralph_uv.cli import cli
+from ralph_uv.config import Config, load_config, load_env_file, paths
+from ralph_uv.errors import UserError
+from ralph_uv.prd import load_prd
+from ralph_uv.runner.engine import LoopOutcome, LoopSpec, StopWhen
+from ralph_uv.runner.host import LoopHost, new_loop_id
+from ralph_uv.status import LoopStatus
+from ralph_uv.tasks import TaskRef, git_root, list_tasks, resolve_task
+
+__all__ = ["pick_task", "run_foreground"]
+
+# Exit statuses of a foreground run, documented in the README.
+_EXIT = {
+    LoopStatus.COMPLETED: 0,
+    LoopStatus.CHECKPOINTED: 0,
+    LoopStatus.STOPPED: 0,
+    LoopStatus.EXHAUSTED: 3,
+    LoopStatus.STALLED: 4,
+}
+
+
+def pick_task(cwd: Path | None = None) -> TaskRef:
+    """Ask which task to run, listing ``tasks/**/prd.json`` under the git root."""
+    root = git_root(cwd)
+    tasks = list_tasks(root)
+    if not tasks:
+        raise UserError(
+            f"no tasks under {root / 'tasks'} — create one with `ralph-uv init NAME`, "
+            "or name a task folder: `ralph-uv run path/to/task`"
+        )
+    if not sys.stdin.isatty():
+        listing = "\n".join(f"  {t.label}" for t in tasks)
+        raise UserError(f"name the task to run; found:\n{listing}")
+    for number, task in enumerate(tasks, start=1):
+        click.echo(f"{number:>3}. {task.label}")
+    choice = click.prompt("Task", type=click.IntRange(1, len(tasks)))
+    return resolve_task(str(tasks[choice - 1].dir), cwd)
+
+
+def _terminal_size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except OSError:
+        return 120, 40
+    return size.columns, size.lines
+
+
+def run_foreground(ref: TaskRef, config: Config, spec_overrides: dict[str, object]) -> LoopOutcome:
+    """Run the loop in this process, its output on this terminal; Ctrl-C checkpoints."""
+    prd = load_prd(ref.prd_file)  # a broken prd.json stops here, before anything changes
+    agent = str(spec_overrides.get("agent") or prd.agent or config.agent)
+    env = load_env_file(paths().env_file)
+    spec = LoopSpec(
+        loop_id=new_loop_id(ref.name),
+        task_dir=ref.dir,
+        agent=agent,
+        task_name=ref.name,
+        model=spec_overrides.get("model"),  # type: ignore[arg-type]
+        base_branch=spec_overrides.get("base_branch"),  # type: ignore[arg-type]
+        env=env,
+    )
+    out = sys.stdout.buffer
+
+    def show(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    return asyncio.run(_run(spec, config, show))
+
+
+async def _run(spec: LoopSpec, config: Config, show: Callable[[bytes], None]) -> LoopOutcome:
+    host = LoopHost(spec, config, on_output=show)
+    engine = host.engine
+    engine.resize(*_terminal_size())
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            click.echo(
+                "\r\n[ralph-uv] checkpointing: the current iteration finishes, then the loop "
+                "stops (Ctrl-C again to stop now)",
+                err=True,
+            )
+            engine.request_checkpoint()
+        else:
+            click.echo("\r\n[ralph-uv] stopping now", err=True)
+            engine.request_stop(StopWhen.NOW)
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    loop.add_signal_handler(signal.SIGTERM, engine.request_checkpoint)
+    loop.add_signal_handler(signal.SIGWINCH, lambda: engine.resize(*_terminal_size()))
+    click.echo(
+        f"[ralph-uv] loop {spec.loop_id}: task {spec.task_name} with {spec.agent} "
+        f"(max {config.max_iterations} iterations); Ctrl-C checkpoints",
+        err=True,
+    )
+    try:
+        return await host.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGWINCH):
+            loop.remove_signal_handler(sig)
+        host.close()
+
+
+@cli.command()
+@click.argument("task", required=False)
+@click.option(
+    "--foreground", is_flag=True, help="Run the loop in this terminal (Ctrl-C checkpoints)."
+)
+@click.option("--agent", help="Agent to run: claude, claude-print, opencode or one from config.")
+@click.option("--model", help="Model for the agent (a story's own `model` still wins).")
+@click.option(
+    "--max-iterations", type=click.IntRange(1), help="Stop as `exhausted` after N iterations [10]."
+)
+@click.option("--base-branch", help="Create the task's branch from this branch [the current one].")
+@click.option("--yolo", is_flag=True, default=None, help="Let the agent skip permission prompts.")
+@click.option("--pause", type=click.FloatRange(0), help="Seconds between iterations [2].")
+@click.option(
+    "--timeout", type=click.FloatRange(1), help="Per-iteration timeout in seconds [3600]."
+)
+@click.option(
+    "--max-runtime", type=click.FloatRange(1), help="Stop the loop after this many seconds."
+)
+@click.option("--failover", help="Agents to switch to after repeated failures, comma separated.")
+def run(
+    task: str | None,
+    foreground: bool,
+    agent: str | None,
+    model: str | None,
+    max_iterations: int | None,
+    base_branch: str | None,
+    yolo: bool | None,
+    pause: float | None,
+    timeout: float | None,
+    max_runtime: float | None,
+    failover: str | None,
+) -> None:
+    """Run a Ralph loop on TASK until every story in its prd.json passes.
+
+    TASK is a folder holding prd.json, or a bare name meaning tasks/NAME under the git root;
+    without it, a picker lists the tasks found.
+
+    \b
+    Exit status: 0 completed, checkpointed or stopped; 1 failed; 2 bad input
+    (broken prd.json, dirty tree on the wrong branch); 3 exhausted; 4 stalled.
+    """
+    config = load_config().with_overrides(
+        max_iterations=max_iterations,
+        yolo=yolo,
+        pause=pause,
+        iteration_timeout=timeout,
+        max_runtime=max_runtime,
+        failover=tuple(p.strip() for p in failover.split(",") if p.strip()) if failover else None,
+    )
+    ref = resolve_task(task) if task else pick_task()
+    outcome = run_foreground(
+        ref, config, {"agent": agent, "model": model, "base_branch": base_branch}
+    )
+    click.echo(
+        f"\r\n[ralph-uv] loop {outcome.status.value}: {outcome.reason} "
+        f"({outcome.stories_done}/{outcome.stories_total} stories, "
+        f"{outcome.iterations} iterations, agent {outcome.agent})",
+        err=True,
+    )
+    if outcome.pull_request:
+        click.echo(f"[ralph-uv] pull request: {outcome.pull_request}", err=True)
+    sys.exit(_EXIT.get(outcome.status, 1))
