@@ -1,0 +1,1 @@
+"""textkit: small helpers for working with text."""
