@@ -20,7 +20,9 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: floa
 
 
 async def async_wait_until(
-    cond: Callable[[], object | Awaitable[object]], timeout: float = 10.0, interval: float = 0.02
+    cond: Callable[[], object | Awaitable[object]],
+    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation timeout
+    interval: float = 0.02,
 ) -> None:
     """The asyncio form of :func:`wait_until`; ``cond`` may be a coroutine function."""
     deadline = time.monotonic() + timeout

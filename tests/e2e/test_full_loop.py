@@ -37,7 +37,9 @@ async def _run_loop(tmp_path: Path, server: ModelServer, agent: str) -> tuple[Pa
         pytest.skip(f"the {binary} CLI is not installed (make agents)")
     repo = make_sample_repo(tmp_path / "textkit")
     env = offline_agent_env(tmp_path / "agent-home", server.base_url, [repo])
-    spec = LoopSpec(loop_id=new_loop_id("e2e"), task_dir=repo, agent=agent, task_name="textkit", env=env)
+    spec = LoopSpec(
+        loop_id=new_loop_id("e2e"), task_dir=repo, agent=agent, task_name="textkit", env=env
+    )
     config = Config(pause=0, yolo=True, max_iterations=6, iteration_timeout=120)
     host = LoopHost(spec, config)
     outcome = await host.run()
@@ -61,7 +63,9 @@ def _assert_real_work(repo: Path, host: LoopHost) -> None:
         assert (repo / file).is_file(), file
     # The agent's own tests of its own code pass.
     subprocess.run(
-        ["python3", "-m", "unittest", "discover", "-s", "tests"], cwd=repo, check=True,
+        ["python3", "-m", "unittest", "discover", "-s", "tests"],
+        cwd=repo,
+        check=True,
         capture_output=True,
     )
     journal = LoopJournal(host.loop_dir, read_only=True)

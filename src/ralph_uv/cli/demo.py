@@ -29,8 +29,13 @@ from ralph_uv.demo.run import DEMO_AGENTS, run_demo
     type=click.Path(file_okay=False, path_type=Path),
     help="Where to create the sample repository [a new temporary folder].",
 )
-@click.option("--pause", type=click.FloatRange(0), default=0.5, show_default=True,
-              help="Seconds between iterations.")
+@click.option(
+    "--pause",
+    type=click.FloatRange(0),
+    default=0.5,
+    show_default=True,
+    help="Seconds between iterations.",
+)
 def demo(agent: str, workdir: Path | None, pause: float) -> None:
     """Run a real Ralph loop offline: the real agent CLI against a scripted demo model.
 
@@ -51,7 +56,9 @@ def demo(agent: str, workdir: Path | None, pause: float) -> None:
     def note(text: str) -> None:
         click.secho(f"[ralph-uv demo] {text}", fg="cyan", err=True)
 
-    outcome = asyncio.run(run_demo(folder, agent=agent, config=config, on_output=show, on_note=note))
+    outcome = asyncio.run(
+        run_demo(folder, agent=agent, config=config, on_output=show, on_note=note)
+    )
     note(
         f"loop {outcome.status.value}: {outcome.reason} — {outcome.stories_done}/"
         f"{outcome.stories_total} stories in {outcome.iterations} iterations"
@@ -59,7 +66,10 @@ def demo(agent: str, workdir: Path | None, pause: float) -> None:
     repo = folder / "textkit"
     log = subprocess.run(
         ["git", "log", "--oneline", "--decorate", "-n", "5"],
-        cwd=repo, capture_output=True, text=True, check=False,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout
     note(f"commits made by the agent in {repo}:\n{log.rstrip()}")
     sys.exit(0 if outcome.status.value == "completed" else 1)
