@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,4 +267,40 @@ async def test_dirty_tree_on_the_wrong_branch_is_refused(repo: Path) -> None:
     assert _git(repo, "branch", "--list", "ralph/demo") == ""
     assert _git(repo, "status", "--porcelain") == "M tasks/demo/prd.json"
     assert Registry.open().get(host.engine.spec.loop_id).status == "failed"  # type: ignore[union-attr]
+    host.close()
+
+
+async def test_completion_with_merge_target_pushes_and_opens_a_pull_request(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With mergeTarget and autoMerge set, a completed loop pushes its branch to origin, opens
+    a pull request into the target and merges it. GitHub cannot be reached from the tests, so a
+    stand-in ``gh`` script on PATH records what it is asked and answers like gh."""
+    origin = tmp_path / "origin.git"
+    _git(tmp_path, "init", "-q", "--bare", str(origin))
+    _git(repo, "remote", "add", "origin", str(origin))
+    prd_file = repo / "tasks" / "demo" / "prd.json"
+    prd = json.loads(prd_file.read_text())
+    prd.update(mergeTarget="main", autoMerge=True)
+    prd_file.write_text(json.dumps(prd, indent=2) + "\n")
+    _git(repo, "commit", "-qam", "merge target")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "gh-calls"
+    gh = bin_dir / "gh"
+    gh.write_text(
+        f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+        'if [ "$1 $2" = "pr create" ]; then echo https://github.com/o/r/pull/7; fi\n'
+    )
+    gh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    host = _host(repo, "work", _config())
+    outcome = await host.run()
+    assert outcome.status == LoopStatus.COMPLETED
+    assert outcome.pull_request == "https://github.com/o/r/pull/7"
+    pushed = _git(origin, "rev-parse", "ralph/demo")
+    assert pushed == _git(repo, "rev-parse", "HEAD")
+    asked = calls.read_text().splitlines()
+    assert asked[0].startswith("pr create --head ralph/demo --base main")
+    assert asked[1] == "pr merge https://github.com/o/r/pull/7 --merge"
     host.close()

@@ -183,7 +183,9 @@ class LoopEngine:
         prd.next_story()  # dependency cycles and unknown blockers fail here, before any change
         self.stories_done, self.stories_total = prd.counts()
         self.branch = prd.branch_name
-        git.ensure_branch(self.repo_root, prd.branch_name, self.spec.base_branch)
+        await asyncio.to_thread(
+            git.ensure_branch, self.repo_root, prd.branch_name, self.spec.base_branch
+        )
         self._set_status(LoopStatus.RUNNING)
         pull_request: str | None = None
         try:
@@ -235,7 +237,7 @@ class LoopEngine:
             self.iteration += 1
             self.current_story = story.id
             self._status_changed()
-            before = git.progress_snapshot(self.repo_root, [self.prd_file])
+            before = await asyncio.to_thread(git.progress_snapshot, self.repo_root, [self.prd_file])
             result = await self._run_agent(prd, story.id, story.agent, story.model)
             after_prd = self._reload()
             newly_passed = self._record_passed(prd, after_prd)
@@ -276,7 +278,7 @@ class LoopEngine:
 
             # Failed iterations are the failover's business; the circuit breaker counts only
             # iterations where the agent ran fine and still changed nothing.
-            after = git.progress_snapshot(self.repo_root, [self.prd_file])
+            after = await asyncio.to_thread(git.progress_snapshot, self.repo_root, [self.prd_file])
             if after != before:
                 stalls = 0
             elif result.failure is None:
@@ -485,34 +487,36 @@ class LoopEngine:
 
     async def _deliver(self) -> str | None:
         """On completion: push and open a pull request when prd.json names a merge target."""
+        # git push and gh talk to the network: keep them off the event loop.
+        url, problem = await asyncio.to_thread(self._deliver_blocking)
+        if problem:
+            self._event("error", {"message": problem})
+        return url
+
+    def _deliver_blocking(self) -> tuple[str | None, str | None]:
+        """(pull request URL, problem to report); runs in a worker thread."""
         prd = load_prd(self.prd_file)
         if not prd.merge_target:
-            return None
+            return None, None
         try:
             if not git.has_remote(self.repo_root, "origin"):
-                self._event(
-                    "error", {"message": "mergeTarget is set but there is no origin remote"}
-                )
-                return None
+                return None, "mergeTarget is set but there is no origin remote to push to"
             git.push(self.repo_root, prd.branch_name)
             if not git.gh_available():
-                self._event(
-                    "error", {"message": "pushed the branch; install gh to open a pull request"}
-                )
-                return None
+                return None, "pushed the branch; install the GitHub CLI (gh) to open a pull request"
+            title = f"{prd.project or self.spec.task_name}: {prd.description or prd.branch_name}"
             url = git.open_pull_request(
                 self.repo_root,
                 prd.branch_name,
                 prd.merge_target,
-                f"{prd.project or self.spec.task_name}: {prd.description or prd.branch_name}"[:200],
+                title[:200],
                 "Opened by ralph-uv after every story in prd.json passed.",
             )
             if prd.auto_merge:
                 git.merge_pull_request(self.repo_root, url)
-            return url
+            return url, None
         except RalphError as exc:
-            self._event("error", {"message": f"delivering the branch failed: {exc.message}"})
-            return None
+            return None, f"delivering the branch failed: {exc.message}"
 
     async def _finish(self, status: LoopStatus, reason: str) -> None:
         self._set_status(status, reason)
