@@ -1,0 +1,5 @@
+"""``python -m ralph_uv.daemon``: the ``ralphd`` command, without needing it on ``PATH``."""
+
+from ralph_uv.cli.daemon import main
+
+main()
