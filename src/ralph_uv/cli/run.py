@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from ralph_uv.cli import cli
+from ralph_uv.cli.loops import EXIT_STATUS, attach_loop, complete_task, report_attach, with_loops
+from ralph_uv.client.loops import LoopEvent, Loops, RunOptions
 from ralph_uv.config import Config, load_config, load_env_file, paths
 from ralph_uv.errors import UserError
 from ralph_uv.prd import load_prd
@@ -21,15 +23,6 @@ from ralph_uv.status import LoopStatus
 from ralph_uv.tasks import TaskRef, git_root, list_tasks, resolve_task
 
 __all__ = ["pick_task", "run_foreground"]
-
-# Exit statuses of a foreground run, documented in the README.
-_EXIT = {
-    LoopStatus.COMPLETED: 0,
-    LoopStatus.CHECKPOINTED: 0,
-    LoopStatus.STOPPED: 0,
-    LoopStatus.EXHAUSTED: 3,
-    LoopStatus.STALLED: 4,
-}
 
 
 def pick_task(cwd: Path | None = None) -> TaskRef:
@@ -119,9 +112,12 @@ async def _run(spec: LoopSpec, config: Config, show: Callable[[bytes], None]) ->
 
 
 @cli.command()
-@click.argument("task", required=False)
+@click.argument("task", required=False, shell_complete=complete_task)
 @click.option(
     "--foreground", is_flag=True, help="Run the loop in this terminal (Ctrl-C checkpoints)."
+)
+@click.option(
+    "--detach", is_flag=True, help="Start the loop and return; attach later with `ralph-uv attach`."
 )
 @click.option("--agent", help="Agent to run: claude, claude-print, opencode or one from config.")
 @click.option("--model", help="Model for the agent (a story's own `model` still wins).")
@@ -141,6 +137,7 @@ async def _run(spec: LoopSpec, config: Config, show: Callable[[bytes], None]) ->
 def run(
     task: str | None,
     foreground: bool,
+    detach: bool,
     agent: str | None,
     model: str | None,
     max_iterations: int | None,
@@ -156,10 +153,17 @@ def run(
     TASK is a folder holding prd.json, or a bare name meaning tasks/NAME under the git root;
     without it, a picker lists the tasks found.
 
+    The loop runs under this machine's ralphd (started if needed) and this terminal attaches
+    to it: Ctrl-] d detaches and the loop goes on (`ralph-uv attach TASK` to come back).
+    With --detach the command returns at once; with --foreground the loop runs inside this
+    process instead, its output on this terminal.
+
     \b
-    Exit status: 0 completed, checkpointed or stopped; 1 failed; 2 bad input
+    Exit status: 0 completed, checkpointed or stopped (or detached); 1 failed; 2 bad input
     (broken prd.json, dirty tree on the wrong branch); 3 exhausted; 4 stalled.
     """
+    if foreground and detach:
+        raise click.UsageError("--foreground and --detach exclude each other; pick one")
     config = load_config().with_overrides(
         max_iterations=max_iterations,
         yolo=yolo,
@@ -169,6 +173,20 @@ def run(
         failover=tuple(p.strip() for p in failover.split(",") if p.strip()) if failover else None,
     )
     ref = resolve_task(task) if task else pick_task()
+    if not foreground:
+        load_prd(ref.prd_file)  # a broken prd.json stops here, with its problems listed
+        options = RunOptions(
+            agent=agent,
+            model=model or config.model,
+            max_iterations=config.max_iterations,
+            base_branch=base_branch,
+            yolo=config.yolo,
+            pause=config.pause,
+            iteration_timeout=config.iteration_timeout,
+            max_runtime=config.max_runtime,
+            failover=config.failover or None,
+        )
+        sys.exit(_run_through_ralphd(ref, options, detach=detach))
     outcome = run_foreground(
         ref, config, {"agent": agent, "model": model, "base_branch": base_branch}
     )
@@ -180,4 +198,54 @@ def run(
     )
     if outcome.pull_request:
         click.echo(f"[ralph-uv] pull request: {outcome.pull_request}", err=True)
-    sys.exit(_EXIT.get(outcome.status, 1))
+    sys.exit(EXIT_STATUS.get(outcome.status, 1))
+
+
+def _run_through_ralphd(ref: TaskRef, options: RunOptions, *, detach: bool) -> int:
+    """Start the loop under ralphd, then attach (a terminal), follow its output (no
+    terminal) or return (``detach``); the exit status."""
+    attachable = sys.stdin.isatty() and sys.stdout.isatty()
+
+    async def go(loops: Loops) -> int:
+        record = await loops.start(ref, options)
+        click.echo(
+            f"[ralph-uv] loop {record.loop_id} started: task {record.task_name} with "
+            f"{record.agent} (max {record.max_iterations} iterations)",
+            err=True,
+        )
+        if detach:
+            click.echo(f"[ralph-uv] attach to it with: ralph-uv attach {record.task_name}",
+                       err=True)
+            return 0
+        if attachable:
+            return report_attach(await attach_loop(loops, record.loop_id))
+        return await _follow(loops, record.loop_id)
+
+    try:
+        return with_loops(go)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\n[ralph-uv] the loop goes on; stop it with `ralph-uv stop {ref.name}`", err=True
+        )
+        return 130
+
+
+async def _follow(loops: Loops, loop_id: str) -> int:
+    """Copy the loop's output to stdout until it ends; its exit status."""
+    out = sys.stdout.buffer
+    finished: LoopEvent | None = None
+    async for item in loops.logs(loop_id, follow=True):
+        if isinstance(item, bytes):
+            out.write(item)
+            out.flush()
+        elif item.type == "loop_finished":
+            finished = item
+    if finished is None:
+        click.echo("\n[ralph-uv] the connection to the loop ended before the loop did", err=True)
+        return 1
+    status = str(finished.data.get("status"))
+    click.echo(f"\r\n[ralph-uv] loop {status}: {finished.data.get('reason') or ''}", err=True)
+    try:
+        return EXIT_STATUS.get(LoopStatus(status), 1)
+    except ValueError:
+        return 1
