@@ -110,6 +110,24 @@ async def test_start_list_stop(start_ralphd: StartDaemon, tmp_path: Path) -> Non
     assert [e.type for e in seen][:2] == ["daemon_started", "loop_started"]
 
 
+async def test_a_loop_that_finishes_before_the_first_ping_is_a_successful_start(
+    start_ralphd: StartDaemon, tmp_path: Path
+) -> None:
+    """A loop so quick that its runner has exited before ralphd first reaches its socket is
+    reported as started (its record says completed), not as a failed start."""
+    start_ralphd()
+    task = make_task(tmp_path)
+    async with await _client() as daemon:
+        record = await daemon.start_loop(task, agent="work", pause=0)
+        assert record.loop_id
+
+        def finished() -> bool:
+            row = Registry.open().get(record.loop_id)
+            return row is not None and row.status.value == "completed"
+
+        await async_wait_until(finished, timeout=20)
+
+
 async def test_start_loop_checks_input_before_anything_runs(
     start_ralphd: StartDaemon, tmp_path: Path
 ) -> None:

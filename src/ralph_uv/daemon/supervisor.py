@@ -210,7 +210,7 @@ class Supervisor:
             record = self.registry.latest_for_task(loop, location=LOCAL)
         if record is None:
             raise UserError(
-                f"no loop {loop!r} on this machine; `ralph-uv list --all` shows the loops",
+                f"no loop {loop!r} on this machine; `ralph-uv status --all` shows the loops",
                 code=ErrorCode.LOOP_NOT_FOUND,
             )
         return record
@@ -344,6 +344,9 @@ class Supervisor:
         delay = 0.02
         while True:
             if watch.exited.is_set():
+                if self._ran_to_an_end(record):
+                    watch.ready = True
+                    return
                 raise self._start_failed(watch, record)
             if await self.ping(record, patience=1.0):
                 watch.ready = True
@@ -359,6 +362,15 @@ class Supervisor:
                 async with asyncio.timeout(delay):
                     await watch.exited.wait()
             delay = min(delay * 2, 0.2)
+
+    def _ran_to_an_end(self, record: SessionRecord) -> bool:
+        """A quick loop may finish before its first ping: that is a start, not a failure."""
+        row = self.registry.get(record.loop_id)
+        return (
+            row is not None
+            and row.status.is_terminal
+            and (row.status != LoopStatus.FAILED or row.iteration > 0)
+        )
 
     def _start_failed(self, watch: _Watch, record: SessionRecord) -> RalphError:
         row = self.registry.get(record.loop_id)
