@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
 import os
 import signal
 import struct
+import sys
 import termios
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,8 +35,21 @@ def _set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _make_controlling_tty() -> None:  # runs in the child between fork and exec
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc: ctypes.CDLL | None = (
+        ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+    )
+except OSError:
+    _libc = None
+
+
+def _prepare_child() -> None:  # runs in the child between fork and exec
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    # If the runner is killed outright, the agent must not go on editing the repository with
+    # nobody recording its output: the kernel hangs it up when its parent dies.
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
 
 
 class PtyProcess:
@@ -78,7 +93,7 @@ class PtyProcess:
                     cwd=str(cwd),
                     env=dict(env),
                     start_new_session=True,
-                    preexec_fn=_make_controlling_tty,
+                    preexec_fn=_prepare_child,
                 )
             except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
                 os.close(master)
