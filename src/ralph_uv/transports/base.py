@@ -142,8 +142,10 @@ class AsyncioStream:
 
     async def wait_closed(self) -> None:
         # The error that closed the connection, if any, was already reported by read or drain.
+        # Shielded: the writer hands out one shared future, and a caller giving up on the wait
+        # (a timeout) must not cancel it for everyone else.
         with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+            await asyncio.shield(self._writer.wait_closed())
 
 
 class _Pipe:
