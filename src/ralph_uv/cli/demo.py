@@ -12,13 +12,12 @@ import click
 
 from ralph_uv.cli import cli
 from ralph_uv.config import load_config
-from ralph_uv.demo.run import DEMO_AGENTS, run_demo
 
 
 @cli.command()
 @click.option(
     "--agent",
-    type=click.Choice(DEMO_AGENTS),
+    type=click.Choice(["claude-print", "claude", "opencode"]),
     default="claude-print",
     show_default=True,
     help="claude-print shows a readable transcript; claude shows Claude Code's own TUI.",
@@ -43,6 +42,9 @@ def demo(agent: str, workdir: Path | None, pause: float) -> None:
     every story passes: the files, prd.json updates and commits are the agent's real work.
     With a real Anthropic key or a logged-in claude, `ralph-uv run` uses the real model instead.
     """
+    # Imported here: the demo model server pulls in aiohttp, which every other command can skip.
+    from ralph_uv.demo.run import run_demo
+
     folder = workdir or Path(tempfile.mkdtemp(prefix="ralph-demo-"))
     config = load_config().with_overrides(
         pause=pause, yolo=True, max_iterations=6, iteration_timeout=300.0
