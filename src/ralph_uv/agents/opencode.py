@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,9 @@ class OpenCodeBackend(AgentBackend):
         self._configured_model: str | None = None
         self._session: OpenCodeSession | None = None
         self._lock = asyncio.Lock()
+        # Told (url, password) when the server answers and (None, password) when it stops: the
+        # runner publishes the server for `opencode attach` through ralphd.
+        self.on_server: Callable[[str | None, str], None] | None = None
 
     @property
     def server_url(self) -> str | None:
@@ -182,6 +185,8 @@ class OpenCodeBackend(AgentBackend):
             )
             self._server = server
             await server.start()
+            if self.on_server is not None:
+                self.on_server(server.url, self._password)
             with contextlib.suppress(OpenCodeServerError):
                 config = await server.call("GET", "/config", params={"directory": str(server.cwd)})
                 if isinstance(config, dict) and isinstance(config.get("model"), str):
@@ -212,6 +217,8 @@ class OpenCodeBackend(AgentBackend):
         finally:
             if server is not None:
                 await server.stop(grace=self.grace)
+                if self.on_server is not None:
+                    self.on_server(None, self._password)
 
     def _program(self, cwd: Path) -> list[str]:
         if self._command is not None:

@@ -36,6 +36,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "DaemonClient",
     "Health",
+    "HttpAuth",
     "StreamOpener",
     "connect_daemon",
     "open_loop_stream",
@@ -49,6 +50,17 @@ EventHandler = Callable[[Event], Awaitable[None] | None]
 _START_TIMEOUT = 60.0
 _CONNECT_RETRY = 5.0
 _MAX_LINE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAuth:
+    """How to log in to a loop's agent HTTP server (HTTP basic auth). The password is kept out
+    of ``repr``: it must not reach a log."""
+
+    loop_id: str
+    username: str
+    password: str = field(repr=False)
+    url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +162,7 @@ class DaemonClient:
 
     async def start_loop(
         self,
-        task_dir: str | Path,
+        task_dir: str | Path | None = None,
         *,
         task_name: str | None = None,
         agent: str | None = None,
@@ -162,10 +174,23 @@ class DaemonClient:
         iteration_timeout: float | None = None,
         max_runtime: float | None = None,
         failover: list[str] | tuple[str, ...] | None = None,
+        project: str | None = None,
+        branch: str | None = None,
+        task_path: str | None = None,
+        sync: str | None = None,
+        first_run_setup: bool | None = None,
+        push_every: int | None = None,
+        install_agents: bool | None = None,
+        backend: str | None = None,
     ) -> SessionRecord:
-        """Start a loop on the task in ``task_dir`` (an absolute path on ralphd's machine)."""
-        params: dict[str, Any] = {"task_dir": str(task_dir)}
+        """Start a loop on the task in ``task_dir`` (an absolute path on ralphd's machine), or,
+        with ``project``, ``branch`` and ``task_path`` (the task folder inside the repository),
+        in a new checkout of that synced workspace (see :mod:`ralph_uv.client.sync`)."""
+        params: dict[str, Any] = {} if task_dir is None else {"task_dir": str(task_dir)}
         for key, value in (
+            ("project", project), ("branch", branch), ("task_path", task_path), ("sync", sync),
+            ("first_run_setup", first_run_setup), ("push_every", push_every),
+            ("install_agents", install_agents), ("backend", backend),
             ("task_name", task_name), ("agent", agent), ("model", model),
             ("max_iterations", max_iterations), ("base_branch", base_branch), ("yolo", yolo),
             ("pause", pause), ("iteration_timeout", iteration_timeout),
@@ -224,6 +249,27 @@ class DaemonClient:
             stream.abort()
             raise
 
+    async def connect_http(self, loop: str) -> Stream:
+        """A new connection on which ralphd relays raw bytes to ``loop``'s agent HTTP server
+        (opencode's; for ``opencode attach``). The server wants the password
+        :meth:`get_http_auth` gives."""
+        stream = await self._opener()
+        try:
+            return await open_loop_stream(stream, loop, client=self._client,
+                                          method="connect_http")
+        except BaseException:
+            stream.abort()
+            raise
+
+    async def get_http_auth(self, loop: str) -> HttpAuth:
+        """The user name and password of ``loop``'s agent HTTP server."""
+        reply = await self.endpoint.call("get_http_auth", {"loop": loop})
+        if not isinstance(reply, dict) or not isinstance(reply.get("password"), str):
+            raise RalphError("ralphd sent HTTP credentials that cannot be read")
+        return HttpAuth(loop_id=str(reply.get("loop_id") or loop),
+                        username=str(reply.get("username") or "opencode"),
+                        password=reply["password"], url=str(reply.get("url") or ""))
+
 
 async def _deliver_event(daemon: DaemonClient, params: Any) -> None:
     handler = daemon._on_event
@@ -275,14 +321,16 @@ async def _request(stream: Stream, buffer: bytearray, request_id: int, method: s
             return reply.get("result")
 
 
-async def open_loop_stream(stream: Stream, loop: str, *, client: str = "ralph-uv") -> Stream:
-    """Say hello to ralphd on ``stream`` and ask it for ``loop``; the same stream, now relayed
-    to the loop (any bytes read ahead are kept)."""
+async def open_loop_stream(stream: Stream, loop: str, *, client: str = "ralph-uv",
+                           method: str = "connect_loop") -> Stream:
+    """Say hello to ralphd on ``stream`` and ask it for ``loop`` (``method``: ``connect_loop``,
+    or ``connect_http`` for its agent's HTTP server); the same stream, now relayed there (any
+    bytes read ahead are kept)."""
     buffer = bytearray()
     async with asyncio.timeout(30.0):
         await _request(stream, buffer, 1, "hello",
                        {"protocol": PROTOCOL_VERSION, "client": client})
-        await _request(stream, buffer, 2, "connect_loop", {"loop": loop})
+        await _request(stream, buffer, 2, method, {"loop": loop})
     return PrefixedStream(stream, bytes(buffer)) if buffer else stream
 
 

@@ -8,6 +8,7 @@ machine is ready when no check reports a problem. Nothing here changes the machi
 from __future__ import annotations
 
 import enum
+import importlib.util
 import os
 import shutil
 import stat
@@ -20,8 +21,9 @@ from typing import Any
 
 from ralph_uv.agents.detect import detect_agents
 from ralph_uv.config import Config, Paths, load_config, load_env_file, paths
-from ralph_uv.daemon.config import DaemonConfig, load_daemon_config
+from ralph_uv.daemon.config import DaemonConfig, Listener, load_daemon_config
 from ralph_uv.errors import RalphError
+from ralph_uv.transports.auth import read_token_file
 from ralph_uv.transports.unix import MAX_SOCKET_PATH
 
 __all__ = ["Check", "Level", "is_ready", "run_checks"]
@@ -166,11 +168,31 @@ def _listeners(daemon: DaemonConfig | None) -> list[Check]:
     if not daemon.listeners:
         return [Check("listeners", Level.OK,
                       "Unix socket only (SSH clients need no listener)")]
-    return [
-        Check("listener", Level.OK,
-              f"{item.url}" + (" (TLS)" if item.tls else " (loopback)" if item.loopback else ""))
-        for item in daemon.listeners
-    ]
+    return [_listener(item) for item in daemon.listeners]
+
+
+def _listener(item: Listener) -> Check:
+    """One listener: its files must be usable before ralphd can listen on it."""
+    detail = f"{item.url}" + (" (TLS)" if item.tls else " (loopback)" if item.loopback else "")
+    if item.token_file is None:
+        return Check("listener", Level.PROBLEM, detail,
+                     "give it a token: a [[listeners]] table with url and token_file (a 0600 "
+                     "file holding a long random token; clients get the same token)")
+    try:
+        read_token_file(item.token_file)
+    except RalphError as exc:
+        return Check("listener", Level.PROBLEM, f"{detail}: {exc.message}",
+                     f"write a long random token to {item.token_file} with mode 0600")
+    for label, path in (("tls_cert", item.tls_cert), ("tls_key", item.tls_key),
+                        ("client_ca", item.client_ca)):
+        if path is not None and not path.is_file():
+            return Check("listener", Level.PROBLEM, f"{detail}: {label} {path} does not exist",
+                         f"put the PEM file at {path} or fix {label} in daemon.toml")
+    if item.scheme == "ziti" and importlib.util.find_spec("openziti") is None:
+        return Check("listener", Level.PROBLEM, f"{detail}: the openziti SDK is not installed",
+                     "pip install 'ralph-uv[ziti]', or host ralphd's TCP listener with a ziti "
+                     "tunneler instead")
+    return Check("listener", Level.OK, detail)
 
 
 def run_checks(dirs: Paths | None = None, environ: Mapping[str, str] | None = None) -> list[Check]:

@@ -5,12 +5,35 @@ Everything has a default, so the file is optional::
     max_concurrent_loops = 4          # loops running at once; finished loops do not count
     loop_time_limit = 86400           # seconds; a loop running longer is checkpointed
     start_timeout = 30                # seconds a new runner has to answer on its socket
-    listeners = ["tcp://0.0.0.0:7420?tls=1"]   # network listeners besides the Unix socket
+    listeners = ["tcp://127.0.0.1:7420"]  # network listeners besides the Unix socket (or
+                                          # [[listeners]] tables, below)
+    checkout_retention = { after_days = 7 }   # or "keep": when finished loops' checkouts go
+    min_free_space = 1073741824       # bytes a code upload must leave free (and 2 x its size)
+    allow_local_origins = false       # tests only: also accept file:// origin URLs
 
     [log]
     level = "info"                    # debug, info, warning, error
     max_bytes = 5242880               # <state>/daemon/ralphd.log rotates at this size
     backups = 3                       # rotated files kept
+
+Remote loops run in checkouts under ``<data>/workspaces``; a finished loop's checkout is
+removed ``after_days`` days after the loop ended, never while it holds uncommitted changes or
+commits that no branch holds. ``allow_local_origins`` exists for the test suite, which has no
+network git server: leave it off, since it lets clients make ralphd read local repositories.
+
+A network listener needs a token (a 0600 file holding a long random string) and, unless it
+is on loopback, TLS; a table gives its files::
+
+    [[listeners]]
+    url = "tcp://0.0.0.0:7420?tls=1"
+    token_file = "~/.config/ralph/listener.token"
+    tls_cert = "~/.config/ralph/tls/cert.pem"
+    tls_key = "~/.config/ralph/tls/key.pem"
+    client_ca = "~/.config/ralph/tls/clients-ca.pem"   # optional: mutual TLS
+
+    [[listeners]]
+    url = "ziti://ralph-control-myhost?identity=/home/me/.config/ralph/ziti/host.json"
+    token_file = "~/.config/ralph/listener.token"
 
 ``max_concurrent_loops`` falls back to the loop configuration's value (``config.toml`` or
 ``RALPH_MAX_CONCURRENT_LOOPS``) when daemon.toml does not set it.
@@ -30,6 +53,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ralph_uv.config import Config
 from ralph_uv.errors import UserError
+from ralph_uv.transports.options import ListenOptions
 
 __all__ = [
     "LISTENER_SCHEMES",
@@ -54,19 +78,33 @@ _TOP_KEYS = {
     "slow_peer_timeout",
     "max_message_size",
     "log",
+    "checkout_retention",
+    "min_free_space",
+    "allow_local_origins",
 }
 _LOG_KEYS = {"level", "max_bytes", "backups"}
+_LISTENER_KEYS = {"url", "token_file", "tls_cert", "tls_key", "client_ca"}
 
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """A network listener from ``listeners``: its URL, scheme, and whether it uses TLS."""
+    """A network listener from ``listeners``: its URL, scheme, whether it uses TLS, and the
+    files it reads (its token, its TLS certificate and key, the CA of client certificates)."""
 
     url: str
     scheme: str
     host: str
     port: int | None
     tls: bool
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+
+    def options(self) -> ListenOptions:
+        """The settings :func:`ralph_uv.transports.listen` takes for it."""
+        return ListenOptions(token_file=self.token_file, tls_cert=self.tls_cert,
+                             tls_key=self.tls_key, tls_client_ca=self.client_ca)
 
     @property
     def loopback(self) -> bool:
@@ -94,11 +132,40 @@ class DaemonConfig:
     log_level: str = "info"
     log_max_bytes: int = 5 * 1024 * 1024
     log_backups: int = 3
+    checkout_retention_days: float | None = 7.0  # None: keep every checkout
+    min_free_space: int = 1024 * 1024 * 1024
+    allow_local_origins: bool = False
 
     @property
     def log_level_number(self) -> int:
         """``log_level`` as a :mod:`logging` level."""
         return _LOG_LEVELS[self.log_level]
+
+
+def _listener_table(item: Mapping[str, Any], source: str) -> Listener:
+    unknown = set(item) - _LISTENER_KEYS
+    if unknown or not isinstance(item.get("url"), str):
+        raise UserError(
+            f"{source}: a [[listeners]] table needs url and may have token_file, tls_cert, "
+            f"tls_key and client_ca" + (f" (unknown: {', '.join(sorted(unknown))})"
+                                        if unknown else "")
+        )
+    def path(key: str) -> Path | None:
+        if key not in item:
+            return None
+        if not isinstance(item[key], str) or not item[key]:
+            raise UserError(f"{source}: listener {item['url']!r}: {key} must be a path")
+        return Path(item[key]).expanduser()
+
+    listener = dataclasses.replace(
+        parse_listener(item["url"], source), token_file=path("token_file"),
+        tls_cert=path("tls_cert"), tls_key=path("tls_key"), client_ca=path("client_ca"),
+    )
+    if listener.tls and listener.scheme == "tcp" and (
+            listener.tls_cert is None or listener.tls_key is None):
+        raise UserError(f"{source}: listener {listener.url!r} uses TLS: give its certificate "
+                        "and key (tls_cert, tls_key)")
+    return listener
 
 
 def parse_listener(url: str, source: str = "daemon.toml") -> Listener:
@@ -148,6 +215,29 @@ def _number(
     return value if integer else float(value)
 
 
+def _retention(value: Any, source: str) -> float | None:
+    """``checkout_retention``: ``"keep"``, ``{after_days = N}`` or ``"after_days = N"``."""
+    days: Any = None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "keep":
+            return None
+        key, sep, number = text.partition("=")
+        if sep and key.strip() == "after_days":
+            try:
+                days = float(number)
+            except ValueError:
+                days = None
+    elif isinstance(value, dict) and set(value) == {"after_days"}:
+        days = value["after_days"]
+    if isinstance(days, bool) or not isinstance(days, int | float) or days < 0:
+        raise UserError(
+            f'{source}: checkout_retention = {value!r}; use "keep" or {{ after_days = N }} '
+            "(N days after a loop ends, 0 or more)"
+        )
+    return float(days)
+
+
 def load_daemon_config(path: Path, loop_config: Config | None = None) -> DaemonConfig:
     """Read ``path`` (daemon.toml) over the defaults; a missing file gives the defaults.
 
@@ -170,7 +260,7 @@ def load_daemon_config(path: Path, loop_config: Config | None = None) -> DaemonC
             f"known: {', '.join(sorted(_TOP_KEYS))}"
         )
     values: dict[str, Any] = {}
-    for key in ("max_concurrent_loops", "max_message_size"):
+    for key in ("max_concurrent_loops", "max_message_size", "min_free_space"):
         if key in data:
             values[key] = _number(data, key, source, integer=True)
     for key in ("start_timeout", "slow_peer_timeout"):
@@ -182,9 +272,20 @@ def load_daemon_config(path: Path, loop_config: Config | None = None) -> DaemonC
         )
     if "listeners" in data:
         listeners = data["listeners"]
-        if not isinstance(listeners, list) or not all(isinstance(u, str) for u in listeners):
-            raise UserError(f'{source}: listeners must be a list of URLs, e.g. ["tcp://..."]')
-        values["listeners"] = tuple(parse_listener(u, source) for u in listeners)
+        if not isinstance(listeners, list) or not all(isinstance(u, str | dict)
+                                                      for u in listeners):
+            raise UserError(f'{source}: listeners must be a list of URLs, e.g. ["tcp://..."], '
+                            "or [[listeners]] tables")
+        values["listeners"] = tuple(
+            parse_listener(u, source) if isinstance(u, str) else _listener_table(u, source)
+            for u in listeners
+        )
+    if "checkout_retention" in data:
+        values["checkout_retention_days"] = _retention(data["checkout_retention"], source)
+    if "allow_local_origins" in data:
+        if not isinstance(data["allow_local_origins"], bool):
+            raise UserError(f"{source}: allow_local_origins must be true or false")
+        values["allow_local_origins"] = data["allow_local_origins"]
     log_table = data.get("log", {})
     if not isinstance(log_table, dict):
         raise UserError(f"{source}: [log] must be a table (level, max_bytes, backups)")

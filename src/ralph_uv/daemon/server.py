@@ -2,13 +2,15 @@
 
 Every connection is an :class:`~ralph_uv.rpc.Endpoint` serving the daemon methods of the
 service contract (``hello``, ``get_health``, ``get_agents``, ``start_loop``, ``list_loops``,
-``stop_loop``, ``checkpoint_loop``, ``subscribe_events``, ``connect_loop``). Bad input (garbage,
+``stop_loop``, ``checkpoint_loop``, ``subscribe_events``, ``connect_loop``, ``connect_http``),
+and the code-sync methods of remote loops (:mod:`~ralph_uv.daemon.sync`). Bad input (garbage,
 oversized lines, wrong params) gets an error reply and the connection stays usable; a client
 that stops reading is disconnected after ``slow_peer_timeout``.
 
 ``connect_loop`` changes what a connection is: once its reply has been written, the endpoint
 lets go of the stream (it sees an end of input) and the stream is relayed byte for byte to the
 loop's own socket, or, when the loop's runner is gone, served by the read-only archive service.
+``connect_http`` does the same with the loop's opencode server port (for ``opencode attach``).
 
 Invariants:
 - Nothing the client sends after ``connect_loop`` reaches the daemon's endpoint; it all goes
@@ -25,19 +27,27 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ralph_uv import __version__
-from ralph_uv.agents import agent_names, detect_agents
-from ralph_uv.agents.detect import AgentInfo
-from ralph_uv.config import Config, Paths, load_config, paths
+from ralph_uv.agents import detect_agents
+from ralph_uv.config import Paths, load_config, paths
 from ralph_uv.daemon.archive import serve_archive
 from ralph_uv.daemon.config import DaemonConfig
 from ralph_uv.daemon.events import EVENTS_FILE, DaemonEvents, DaemonEventType, daemon_dir
+from ralph_uv.daemon.install import ensure_agent
 from ralph_uv.daemon.relay import HandOver, PrefixedStream, relay
 from ralph_uv.daemon.supervisor import PROTOCOL_VERSION, LoopRequest, Supervisor
+from ralph_uv.daemon.sync import (
+    Transfers,
+    discard_checkout,
+    http_target,
+    maintain,
+    open_checkout,
+)
+from ralph_uv.daemon.sync import register as register_sync_methods
+from ralph_uv.daemon.workspaces import Checkout, Workspaces
 from ralph_uv.errors import (
-    AgentNotFoundError,
     ErrorCode,
     RalphError,
     RemoteError,
@@ -52,7 +62,8 @@ from ralph_uv.registry import LOCAL, Registry, SessionRecord
 from ralph_uv.rpc import Endpoint
 from ralph_uv.runner.engine import StopWhen
 from ralph_uv.tasks import resolve_task, validate_task_name
-from ralph_uv.transports.base import Stream
+from ralph_uv.transports import Listener, listen
+from ralph_uv.transports.base import AsyncioStream, Stream
 from ralph_uv.transports.unix import UnixServer, open_unix, start_unix_server
 
 __all__ = ["SERVER_NAME", "DaemonConnection", "DaemonServer"]
@@ -78,7 +89,7 @@ class _Methods(Dispatcher["DaemonConnection"]):
         reply = await super().dispatch(context, message, logger=logger)
         if (
             isinstance(message, Request)
-            and message.method == "connect_loop"
+            and message.method in ("connect_loop", "connect_http")
             and isinstance(reply, Response)
             and context.target is not None
         ):
@@ -164,6 +175,10 @@ class DaemonServer:
         self._registry: Registry | None = None
         self._events: DaemonEvents | None = None
         self._supervisor: Supervisor | None = None
+        self.workspaces = Workspaces(self.dirs.workspaces, settings)
+        self.transfers = Transfers(self.workspaces)
+        self._maintenance: asyncio.Task[None] | None = None
+        self._network: list[Listener] = []
 
     @property
     def registry(self) -> Registry:
@@ -187,7 +202,7 @@ class DaemonServer:
     @property
     def listeners(self) -> list[str]:
         """The URLs this daemon answers on."""
-        return [f"unix://{self.dirs.daemon_socket}"]
+        return [f"unix://{self.dirs.daemon_socket}", *(item.url for item in self._network)]
 
     async def start(self) -> None:
         """Open the registry and the event log, re-adopt runners, then listen."""
@@ -201,11 +216,18 @@ class DaemonServer:
                 code=ErrorCode.BAD_STATE,
             ) from exc
         self._supervisor = Supervisor(self.dirs, self.registry, self.events, self.settings)
-        for listener in self.settings.listeners:
-            log.warning("listener %s is configured but this ralphd serves the Unix socket "
-                        "only; reach it over SSH", listener.url)
         await self.supervisor.recover()
+        # Bundles in transit do not survive a restart; clear them before anyone can upload.
+        await asyncio.to_thread(self.workspaces.clear_staging)
+        self._maintenance = asyncio.create_task(maintain(self), name="workspace maintenance")
         self._server = await start_unix_server(self.dirs.daemon_socket, self._on_connect)
+        for configured in self.settings.listeners:
+            # A listener that cannot start stops ralphd, with transports' reason (no token, no
+            # TLS off loopback, a port in use): better than a daemon quietly not listening.
+            network = await listen(configured.url, self._on_connect,
+                                   options=configured.options())
+            self._network.append(network)
+            log.info("listening on %s", network.url)
         self.events.publish(DaemonEventType.DAEMON_STARTED,
                             {"pid": os.getpid(), "version": __version__})
         log.info("ralphd %s (pid %d) listening on %s", __version__, os.getpid(),
@@ -216,10 +238,18 @@ class DaemonServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+        network, self._network = self._network, []
+        for listener in network:
+            listener.close()
+            listener.close_clients()
         connections = list(self._connections)
         await asyncio.gather(*(c.endpoint.close() for c in connections), return_exceptions=True)
         for conn in connections:
             conn.stream.stream.abort()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+        self.transfers.close()
         if self._supervisor is not None:
             await self._supervisor.close()
         if self._events is not None:
@@ -260,8 +290,31 @@ class DaemonServer:
         }
 
     async def prepare(self, params: _StartLoop) -> LoopRequest:
-        """Check a ``start_loop`` request before anything runs."""
-        task_dir = await asyncio.to_thread(_task_dir, params.task_dir)
+        """Check a ``start_loop`` request before anything runs; with ``project``, make the
+        loop's checkout (removed again if a check fails)."""
+        if params.project is None:
+            return await self._prepare(params, params.task_dir, None, None)
+        assert params.branch is not None
+        assert params.task_path is not None
+        loop_id, task_name, checkout = await open_checkout(
+            self, project=params.project, branch=params.branch, task_path=params.task_path,
+            task_name=params.task_name, sync=params.sync, push_every=params.push_every,
+        )
+        try:
+            if not (checkout.task_dir / "prd.json").is_file():
+                raise UserError(
+                    f"{checkout.task_path}/prd.json is not on branch {params.branch!r} of "
+                    f"project {params.project!r}; commit the task and sync the branch again"
+                )
+            return await self._prepare(params, str(checkout.task_dir), task_name, checkout,
+                                       loop_id=loop_id)
+        except BaseException:
+            await discard_checkout(self, checkout)
+            raise
+
+    async def _prepare(self, params: _StartLoop, task_dir_text: str, task_name: str | None,
+                       checkout: Checkout | None, *, loop_id: str | None = None) -> LoopRequest:
+        task_dir = await asyncio.to_thread(_task_dir, task_dir_text)
         prd_file = task_dir / "prd.json"
         problems = await asyncio.to_thread(validate_prd, prd_file)
         if problems:
@@ -270,15 +323,15 @@ class DaemonServer:
             raise RemoteError(error.message, code=error.code,
                               data={"problems": [p.to_dict() for p in problems]})
         prd = await asyncio.to_thread(load_prd, prd_file)
-        if params.task_name is not None:
-            task_name = validate_task_name(params.task_name)
+        if task_name is not None or params.task_name is not None:
+            task_name = validate_task_name(task_name or params.task_name or "")
         else:
             task_name = validate_task_name((await asyncio.to_thread(resolve_task, task_dir)).name)
         config = load_config(self.dirs.config_file)
         agent = params.agent or prd.agent or config.agent
         failover = _failover(params.failover)
         for name in (agent, *(failover or ())):
-            await _check_agent(name, config)
+            await ensure_agent(name, config, install=params.install_agents)
         overrides = {
             key: value
             for key, value in {
@@ -293,7 +346,8 @@ class DaemonServer:
             task_dir=task_dir, task_name=task_name, agent=agent, model=params.model,
             base_branch=params.base_branch,
             max_iterations=params.max_iterations or config.max_iterations,
-            overrides=overrides,
+            overrides=overrides, loop_id=loop_id, first_run_setup=bool(params.first_run_setup),
+            push_every=params.push_every, checkout=checkout, backend=params.backend,
         )
 
 
@@ -329,22 +383,6 @@ def _failover(value: list[str] | str | None) -> tuple[str, ...] | None:
     return tuple(p.strip() for p in parts if p.strip())
 
 
-async def _check_agent(name: str, config: Config) -> None:
-    known = agent_names(config)
-    if name not in known:
-        raise AgentNotFoundError(
-            f"unknown agent {name!r}; use one of {', '.join(known)}, or define "
-            f"[agents.{name}] command = [...] in config.toml"
-        )
-    infos: list[AgentInfo] = await asyncio.to_thread(detect_agents, config, versions=False)
-    program = name.removesuffix("-print") if name not in config.agents else name
-    info = next((i for i in infos if i.name == program), None)
-    if info is not None and not info.installed:
-        raise AgentNotFoundError(
-            f"agent {name!r} is not installed on this machine: {info.install_hint}"
-        )
-
-
 # ---------------------------------------------------------------------------------- methods
 
 _methods = _Methods()
@@ -359,7 +397,7 @@ class _Hello:
 
 @dataclass(frozen=True, slots=True)
 class _StartLoop:
-    task_dir: str
+    task_dir: str = ""
     task_name: str | None = None
     agent: str | None = None
     model: str | None = None
@@ -370,10 +408,25 @@ class _StartLoop:
     iteration_timeout: float | None = None
     max_runtime: float | None = None
     failover: list[str] | str | None = None
+    project: str | None = None
+    branch: str | None = None
+    task_path: str | None = None
+    sync: Literal["bundle", "origin"] = "bundle"
+    first_run_setup: bool | None = None
+    push_every: int | None = None
+    install_agents: bool = False
+    backend: Literal["pty", "tmux"] = "pty"
 
     def __post_init__(self) -> None:
-        if not self.task_dir:
-            raise ValueError("'task_dir' must name the task's folder")
+        if self.project is not None:
+            if self.branch is None or self.task_path is None:
+                raise ValueError("a loop in a workspace needs 'project', 'branch' and "
+                                 "'task_path' (the task folder inside the repository)")
+        elif not self.task_dir:
+            raise ValueError("'task_dir' must name the task's folder (or pass 'project', "
+                             "'branch' and 'task_path' for a loop in a synced workspace)")
+        if self.push_every is not None and self.push_every < 1:
+            raise ValueError("'push_every' must be at least 1")
         if self.max_iterations is not None and self.max_iterations < 1:
             raise ValueError("'max_iterations' must be at least 1")
         if self.pause is not None and self.pause < 0:
@@ -440,10 +493,20 @@ async def _get_agents(conn: DaemonConnection) -> list[dict[str, Any]]:
 
 @_methods.method("start_loop")
 async def _start_loop(conn: DaemonConnection, params: _StartLoop) -> dict[str, Any]:
-    request = await conn.server.prepare(params)
+    server = conn.server
+    request = await server.prepare(params)
     log.info("%s asks for a loop on %s with %s", conn.client or conn.stream.peer,
              request.task_dir, request.agent)
-    record = await conn.server.supervisor.start(request)
+    checkout = request.checkout
+    try:
+        record = await server.supervisor.start(request)
+    except BaseException:
+        if checkout is not None and server.registry.get(request.loop_id or "") is None:
+            await discard_checkout(server, checkout)  # refused before anything ran in it
+        raise
+    finally:
+        if checkout is not None:
+            server.workspaces.reserved.discard(checkout.path)
     return record.to_dict()
 
 
@@ -520,3 +583,28 @@ async def _connect_loop(conn: DaemonConnection, params: _Loop) -> dict[str, Any]
         )
     conn.target = _Target(record, stream)
     return {"loop_id": record.loop_id, "archived": stream is None}
+
+
+@_methods.method("connect_http")
+async def _connect_http(conn: DaemonConnection, params: _Loop) -> dict[str, Any]:
+    if conn.events_task is not None:
+        raise RalphError(
+            "connect_http needs a connection of its own; this one is subscribed to events",
+            code=ErrorCode.BAD_STATE,
+        )
+    record = conn.server.supervisor.resolve(params.loop)
+    info = http_target(conn.server, record)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(info.host, info.port), timeout=10.0)
+    except (OSError, TimeoutError) as exc:
+        raise RalphError(
+            f"loop {record.loop_id}: its agent server at {info.host}:{info.port} does not "
+            f"answer ({exc}); it may be restarting, try again",
+            code=ErrorCode.CONNECTION_LOST,
+        ) from exc
+    conn.target = _Target(record, AsyncioStream(reader, writer))
+    return {"loop_id": record.loop_id}
+
+
+register_sync_methods(_methods)

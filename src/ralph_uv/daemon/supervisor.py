@@ -33,6 +33,7 @@ from typing import Any
 from ralph_uv.config import Paths, load_env_file
 from ralph_uv.daemon.config import DaemonConfig
 from ralph_uv.daemon.events import DaemonEvents, DaemonEventType
+from ralph_uv.daemon.workspaces import Checkout, write_checkout
 from ralph_uv.errors import ErrorCode, RalphError, UserError
 from ralph_uv.eventlog import EventLog, JournalError
 from ralph_uv.journal import EVENTS_FILE
@@ -75,6 +76,11 @@ class LoopRequest:
     base_branch: str | None = None
     max_iterations: int = 10
     overrides: dict[str, Any] = field(default_factory=dict)
+    loop_id: str | None = None  # chosen in advance for a loop in a workspace checkout
+    first_run_setup: bool = False
+    push_every: int | None = None
+    checkout: Checkout | None = None
+    backend: str = "pty"  # where a terminal-based agent runs: "pty" or "tmux"
 
 
 @dataclass(slots=True)
@@ -281,8 +287,10 @@ class Supervisor:
             env = dict(os.environ)
             # Agents' keys: only in the runner's environment, never logged or on a command line.
             env.update(load_env_file(self.dirs.env_file))
-            loop_id = new_loop_id(request.task_name)
+            loop_id = request.loop_id or new_loop_id(request.task_name)
             loop_dir = self.dirs.loop_dir(loop_id)
+            if request.checkout is not None:
+                write_checkout(loop_dir, request.checkout)
             write_spec(
                 loop_dir / SPEC_FILE,
                 loop_id=loop_id,
@@ -292,6 +300,9 @@ class Supervisor:
                 model=request.model,
                 base_branch=request.base_branch,
                 config=request.overrides,
+                first_run_setup=request.first_run_setup,
+                push_every=request.push_every,
+                backend=request.backend,
             )
             record = self.registry.upsert(
                 SessionRecord(
@@ -304,6 +315,7 @@ class Supervisor:
                     location=LOCAL,
                     transport="unix",
                     socket_path=str(self.dirs.loop_socket(loop_id)),
+                    branch=request.checkout.branch if request.checkout else None,
                 )
             )
             try:

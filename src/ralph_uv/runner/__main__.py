@@ -1,6 +1,6 @@
 """The runner process: one loop, served on its own socket.
 
-    python -m ralph_uv.runner --spec <loop_dir>/spec.json [--linger 3]
+    python -m ralph_uv.runner --spec <loop_dir>/spec.json [--linger 3] [--backend pty|tmux]
 
 ralphd starts it detached (its own session, stdin ``/dev/null``, stdout and stderr appended to
 ``<loop_dir>/runner.log``), so it outlives a restart of ralphd. It reads the spec, the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import resource
 import signal
@@ -29,12 +30,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ralph_uv.agents import get_backend
 from ralph_uv.config import Config, Paths, load_config, load_env_file, paths
 from ralph_uv.errors import RalphError
 from ralph_uv.runner.engine import StopWhen
 from ralph_uv.runner.host import LoopHost
+from ralph_uv.runner.http_info import publishing_backends
+from ralph_uv.runner.origin import OriginPusher
 from ralph_uv.runner.service import LoopService
 from ralph_uv.runner.spec import RunnerSpec, read_spec
+from ralph_uv.runner.terminal import TERMINAL_BACKENDS
 from ralph_uv.status import LoopStatus
 
 __all__ = ["DEFAULT_LINGER", "LOG_NAME", "main", "run_runner"]
@@ -123,9 +128,14 @@ async def run_runner(
     """Run ``spec``'s loop with its service until the loop has ended and the linger is over;
     return the process exit status."""
     adapter = logging.LoggerAdapter(log, {"loop_id": spec.loop_id})
-    host = LoopHost(spec.loop_spec(env), config, dirs=dirs)
+    loop_dir = (dirs or paths()).loop_dir(spec.loop_id)
+    # An opencode server is published in http.json for `opencode attach` through ralphd.
+    host = LoopHost(spec.loop_spec(env), config, dirs=dirs,
+                    backend_factory=publishing_backends(loop_dir, get_backend))
     service = LoopService(host)
     engine = host.engine
+    if spec.push_every is not None:
+        engine.after_iteration = OriginPusher(spec.push_every)
     loop = asyncio.get_running_loop()
     done_lingering = asyncio.Event()
     engine_task: asyncio.Task[object] | None = None
@@ -192,10 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--linger", type=float, default=DEFAULT_LINGER,
         help="seconds to keep serving after the loop ends (default %(default)s)",
     )
+    parser.add_argument(
+        "--backend", choices=TERMINAL_BACKENDS, default=None,
+        help="where a terminal-based agent runs (default: the spec's backend, else pty)",
+    )
     args = parser.parse_args(argv)
     dirs = paths()
     try:
         spec = read_spec(args.spec)
+        if args.backend is not None:
+            spec = dataclasses.replace(spec, backend=args.backend)
     except RalphError as exc:
         _configure_logging("?", None)
         log.error("cannot start: %s", exc.message)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -49,6 +49,8 @@ __all__ = ["LoopEngine", "LoopOutcome", "LoopSpec", "StopWhen"]
 log = logging.getLogger("ralph_uv.runner.engine")
 
 BackendFactory = Callable[[str, Config], AgentBackend]
+# Awaited after every iteration (final=False) and once before the loop ends (final=True).
+IterationHook = Callable[["LoopEngine", bool], Awaitable[None]]
 
 
 class StopWhen(StrEnum):
@@ -68,6 +70,7 @@ class LoopSpec:
     base_branch: str | None = None
     first_run_setup: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    backend: str = "pty"  # where a terminal-based agent runs: "pty" or "tmux"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,7 @@ class LoopEngine:
         self._injected: list[str] = []
         self._closing: list[asyncio.Task[None]] = []
         self._cols, self._rows = 120, 40
+        self.after_iteration: IterationHook | None = None
 
     # ------------------------------------------------------------------ control (same loop)
 
@@ -287,6 +291,7 @@ class LoopEngine:
                 stalls = 0
                 await self._stall()
 
+            await self._after_iteration(final=False)
             self._check_requests()
             if newly_passed and after_prd.pause_between_stories:
                 await self._hold(
@@ -339,6 +344,8 @@ class LoopEngine:
         except RalphError as exc:
             result = AgentResult(exit_code=None, failure=FailureKind.CRASH, detail=exc.message)
         else:
+            if self._stopping_now():  # the stop came while the agent was starting
+                await self._session.terminate(self.config.terminate_grace)
             result = await self._wait_session(self._session)
         finally:
             self._session = None
@@ -518,7 +525,17 @@ class LoopEngine:
         except RalphError as exc:
             return None, f"delivering the branch failed: {exc.message}"
 
+    async def _after_iteration(self, *, final: bool) -> None:
+        if self.after_iteration is None or self.iteration == 0:
+            return
+        try:
+            await self.after_iteration(self, final)
+        except Exception as exc:  # a hook's failure is reported, never fatal to the loop
+            log.exception("the after-iteration hook failed")
+            self._event("error", {"message": f"after iteration {self.iteration}: {exc}"})
+
     async def _finish(self, status: LoopStatus, reason: str) -> None:
+        await self._after_iteration(final=True)
         self._set_status(status, reason)
         self.current_story = None
         backends, self._backends = list(self._backends.values()), {}

@@ -6,7 +6,12 @@ keys come from the ``<config>/env`` file), only the task, the agent and setting 
 
     {"loop_id": "demo-1a2b3c", "task_dir": "/src/app/tasks/demo", "task_name": "demo",
      "agent": "claude", "model": null, "base_branch": null, "first_run_setup": false,
-     "config": {"max_iterations": 20, "pause": 1.0}}
+     "push_every": null, "backend": "pty", "config": {"max_iterations": 20, "pause": 1.0}}
+
+``push_every`` (remote loops in origin mode) pushes the loop's branch to the origin of its
+checkout after every N iterations. ``backend`` says where a terminal-based agent runs: ``"pty"``
+(a pseudo-terminal of the runner, the default) or ``"tmux"`` (a pane of the tmux session
+``ralph-<task>``, see :mod:`ralph_uv.runner.tmux`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from ralph_uv.config import Config
 from ralph_uv.errors import UserError
 from ralph_uv.runner.engine import LoopSpec
+from ralph_uv.runner.terminal import TERMINAL_BACKENDS
 
 __all__ = ["RunnerSpec", "read_spec", "write_spec"]
 
@@ -44,6 +50,8 @@ class RunnerSpec:
     base_branch: str | None = None
     first_run_setup: bool = False
     config: Mapping[str, Any] = field(default_factory=dict)
+    push_every: int | None = None
+    backend: str = "pty"
 
     def __post_init__(self) -> None:
         if not _LOOP_ID.match(self.loop_id):
@@ -54,6 +62,14 @@ class RunnerSpec:
         if not self.agent:
             raise UserError("the spec names no agent; set \"agent\" (claude, opencode, ...)")
         _check_overrides(self.config)
+        if self.push_every is not None and (
+            isinstance(self.push_every, bool) or not isinstance(self.push_every, int)
+            or self.push_every < 1
+        ):
+            raise UserError("spec: 'push_every' must be a whole number of iterations, 1 or more")
+        if self.backend not in TERMINAL_BACKENDS:
+            raise UserError(f"spec: 'backend' must be one of {', '.join(TERMINAL_BACKENDS)}, "
+                            f"not {self.backend!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written to spec.json."""
@@ -65,6 +81,8 @@ class RunnerSpec:
             "model": self.model,
             "base_branch": self.base_branch,
             "first_run_setup": self.first_run_setup,
+            "push_every": self.push_every,
+            "backend": self.backend,
             "config": dict(self.config),
         }
 
@@ -98,6 +116,8 @@ class RunnerSpec:
             base_branch=text("base_branch", optional=True),
             first_run_setup=first_run,
             config=dict(config),
+            push_every=data.get("push_every"),
+            backend=data.get("backend") or "pty",
         )
 
     def apply(self, config: Config) -> Config:
@@ -119,6 +139,7 @@ class RunnerSpec:
             base_branch=self.base_branch,
             first_run_setup=self.first_run_setup,
             env=dict(env or {}),
+            backend=self.backend,
         )
 
 
@@ -155,6 +176,8 @@ def write_spec(
     base_branch: str | None = None,
     first_run_setup: bool = False,
     config: Mapping[str, Any] | None = None,
+    push_every: int | None = None,
+    backend: str = "pty",
 ) -> RunnerSpec:
     """Validate and write a spec file atomically, readable by this user only; return it."""
     spec = RunnerSpec(
@@ -166,6 +189,8 @@ def write_spec(
         base_branch=base_branch,
         first_run_setup=first_run_setup,
         config=dict(config or {}),
+        push_every=push_every,
+        backend=backend,
     )
     payload = (json.dumps(spec.to_dict(), indent=2) + "\n").encode("utf-8")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
