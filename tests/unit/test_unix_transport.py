@@ -58,13 +58,28 @@ async def test_server_makes_a_private_folder_and_socket(ralph_home: Path) -> Non
 
 
 async def test_existing_folder_is_tightened(ralph_home: Path) -> None:
-    """A socket folder left group/world-accessible is set back to 0700."""
+    """ralph-uv's own socket folder, left group/world-accessible, is set back to 0700."""
     folder = ralph_home / "open"
     folder.mkdir(mode=0o755)
     os.chmod(folder, 0o755)
-    server = await start_unix_server(folder / "s.sock", _echo)
+    server = await start_unix_server(folder / "s.sock", _echo, own_folder=True)
     try:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    finally:
+        await _stop(server)
+
+
+@pytest.mark.parametrize(("mode", "own"), [(0o1777, True), (0o755, False)])
+async def test_a_shared_folder_is_never_changed(ralph_home: Path, mode: int, own: bool) -> None:
+    """A socket in a shared folder (sticky like /tmp, or one given by the user) leaves the
+    folder's mode alone; the socket itself is still 0600."""
+    folder = ralph_home / "shared"
+    folder.mkdir()
+    os.chmod(folder, mode)
+    server = await start_unix_server(folder / "s.sock", _echo, own_folder=own)
+    try:
+        assert stat.S_IMODE(folder.stat().st_mode) == mode
+        assert stat.S_IMODE((folder / "s.sock").stat().st_mode) == 0o600
     finally:
         await _stop(server)
 

@@ -220,7 +220,9 @@ class DaemonServer:
         # Bundles in transit do not survive a restart; clear them before anyone can upload.
         await asyncio.to_thread(self.workspaces.clear_staging)
         self._maintenance = asyncio.create_task(maintain(self), name="workspace maintenance")
-        self._server = await start_unix_server(self.dirs.daemon_socket, self._on_connect)
+        self._server = await start_unix_server(
+            self.dirs.daemon_socket, self._on_connect, own_folder=True
+        )
         for configured in self.settings.listeners:
             # A listener that cannot start stops ralphd, with transports' reason (no token, no
             # TLS off loopback, a port in use): better than a daemon quietly not listening.

@@ -143,7 +143,7 @@ class LoopService:
     async def start(self) -> None:
         """Listen on the loop's socket (0600 in a 0700 folder, this user only)."""
         self._server = await start_unix_server(
-            self.socket_path, self._on_connect, max_connections=self.max_clients
+            self.socket_path, self._on_connect, max_connections=self.max_clients, own_folder=True
         )
         self.log.info("serving on %s", self.socket_path)
 
@@ -228,7 +228,9 @@ class LoopService:
             "agent": engine.agent,
             "backend": "http"
             if engine.agent == "opencode" and engine.agent not in engine.config.agents
-            else "pty",
+            else spec.backend,
+            # Where `tmux attach` reaches the agent (backend "tmux" only).
+            "tmux": self.host.tmux.target.to_dict() if self.host.tmux is not None else None,
             "branch": engine.branch,
             "interactive": self.has_terminal,
             "interactive_holder": self._holder.name if self._holder else None,

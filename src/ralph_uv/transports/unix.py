@@ -69,7 +69,9 @@ def _check_path(path: Path) -> None:
         )
 
 
-def _make_private_folder(folder: Path) -> None:
+def _make_private_folder(folder: Path, *, own: bool = False) -> None:
+    """Create ``folder`` (and missing parents) 0700. An existing folder is tightened to 0700
+    only when ``own`` says it is ralph-uv's own (its runtime folders), never a shared one."""
     missing: list[Path] = []
     current = folder
     while not current.exists():
@@ -81,9 +83,17 @@ def _make_private_folder(folder: Path) -> None:
     info = folder.stat()
     if not stat.S_ISDIR(info.st_mode):
         raise TransportError(f"{folder} is not a folder; remove it and try again")
-    # Tighten a folder we own; someone else's folder is left alone (the socket stays 0600).
-    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != 0o700:
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return
+    # A shared folder (/tmp, a home folder given in a unix:// URL) is never changed: the socket
+    # itself stays 0600 and every peer's uid is checked, so a wider folder lets nobody in.
+    shared = bool(mode & stat.S_ISVTX) or info.st_uid != os.getuid()
+    if own and not shared:
         os.chmod(folder, 0o700)
+    else:
+        log.info("socket folder %s is not private (mode %o); the socket is 0600 and peers are "
+                 "checked by uid", folder, mode)
 
 
 async def _remove_if_stale(path: Path) -> None:
@@ -215,6 +225,7 @@ async def start_unix_server(
     *,
     allowed_uid: int | None = os.getuid(),
     max_connections: int | None = None,
+    own_folder: bool = False,
 ) -> UnixServer:
     """Listen on ``path`` and run ``on_connect(stream)`` for each accepted, authorised peer.
 
@@ -227,7 +238,7 @@ async def start_unix_server(
     path = Path(path)
     _check_path(path)
     try:
-        _make_private_folder(path.parent)
+        _make_private_folder(path.parent, own=own_folder)
         await _remove_if_stale(path)
     except OSError as exc:
         raise TransportError(f"cannot prepare socket {path}: {exc}") from exc
