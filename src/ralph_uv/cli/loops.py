@@ -21,9 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ralph_uv.cli import cli
+from ralph_uv.cli.attach_extra import attach_with_tmux, opencode_attach
 from ralph_uv.client.attach import AttachResult, attach
 from ralph_uv.client.keys import parse_prefix
 from ralph_uv.client.loops import LoopEvent, Loops, clean_loops, client_name
+from ralph_uv.client.mirror import LoopTarget, RemoteView, gather_remotes, resolve_loop
+from ralph_uv.client.remotes import STATUS_TIMEOUT, close_remote_connections, remote_loops
 from ralph_uv.config import load_config, paths
 from ralph_uv.errors import RalphError, UserError
 from ralph_uv.journal import TextDecoder
@@ -35,10 +38,12 @@ from ralph_uv.transports.base import Stream
 __all__ = [
     "EXIT_STATUS",
     "TerminalText",
+    "ago",
     "attach_loop",
     "complete_loop",
     "complete_task",
     "loop_ref",
+    "loop_target",
     "report_attach",
     "with_loops",
 ]
@@ -83,15 +88,23 @@ def _notice(text: str) -> None:
     click.echo(f"[ralph-uv] {text}", err=True)
 
 
-def with_loops(action: Callable[[Loops], Awaitable[T]], *, kind: str = "ralph-uv") -> T:
-    """Run ``action`` with a connection to the local ralphd (started if needed)."""
+def with_loops(action: Callable[[Loops], Awaitable[T]], *, kind: str = "ralph-uv",
+               remote: str | None = None) -> T:
+    """Run ``action`` with a connection to the local ralphd (started if needed), or to the
+    ralphd of ``remote``."""
 
     async def main() -> T:
-        loops = await Loops.connect(kind=kind, on_notice=_notice)
         try:
-            return await action(loops)
+            if remote is None:
+                loops = await Loops.connect(kind=kind, on_notice=_notice)
+            else:
+                loops = await remote_loops(remote, kind=kind)
+            try:
+                return await action(loops)
+            finally:
+                await loops.close()
         finally:
-            await loops.close()
+            await close_remote_connections()
 
     return asyncio.run(main())
 
@@ -102,6 +115,16 @@ def loop_ref(task: str) -> str:
     if task.startswith(("/", "./", "../", "~", "tasks/")) or task.endswith(".json"):
         return resolve_task(task).name
     return task
+
+
+def loop_target(task: str, on: str | None) -> LoopTarget:
+    """Where TASK's loop runs: this machine, or the remote its registry row names (``--on``
+    forces one)."""
+    return resolve_loop(loop_ref(task), on)
+
+
+_ON = click.option("--on", "on", metavar="REMOTE",
+                   help="The remote the loop runs on (default: found in the registry).")
 
 
 async def attach_loop(loops: Loops, loop: str) -> AttachResult:
@@ -175,17 +198,31 @@ def _age(record: SessionRecord, now: float) -> str:
     return f"{int(seconds)}s"
 
 
-def _table(records: list[SessionRecord]) -> Table:
+def ago(stamp: float | None, now: float | None = None) -> str:
+    """``5m ago``-style age of a timestamp; ``never`` for ``None``."""
+    if stamp is None:
+        return "never"
+    seconds = max(0.0, (now or time.time()) - stamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _table(records: list[SessionRecord], stale: frozenset[str] = frozenset()) -> Table:
     now = time.time()
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("TASK", "LOOP", "WHERE", "STATUS", "ITER", "STORY", "AGENT", "AGE"):
         table.add_column(column, no_wrap=column != "TASK")
     for r in records:
         status = LoopStatus(r.status)
+        where = r.location
+        if r.location in stale:
+            where = f"[yellow]{r.location} (seen {ago(r.remote_seen_at, now)})[/]"
         table.add_row(
             r.task_name,
             r.loop_id,
-            r.location,
+            where,
             f"[{_STATUS_STYLE.get(status, '')}]{status.value}[/]",
             f"{r.iteration}/{r.max_iterations}",
             r.current_story or "-",
@@ -195,15 +232,39 @@ def _table(records: list[SessionRecord]) -> Table:
     return table
 
 
+def _combine(local: list[SessionRecord], views: list[RemoteView]) -> list[SessionRecord]:
+    found = {r.loop_id: r for r in local}
+    for view in views:
+        found.update((r.loop_id, r) for r in view.loops)
+    return sorted(found.values(), key=lambda r: r.started_at, reverse=True)
+
+
 @cli.command("status")
 @click.option("--all", "show_all", is_flag=True, help="Also finished loops and other machines'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the loops' records as JSON.")
-def status_command(show_all: bool, as_json: bool) -> None:
-    """List running loops: task, loop id, where, status, iteration, story, agent, age."""
-    records = with_loops(lambda loops: loops.list(include_finished=show_all))
+@click.option("--timeout", type=click.FloatRange(0.1), default=STATUS_TIMEOUT, show_default=True,
+              help="Seconds to wait for each remote.")
+def status_command(show_all: bool, as_json: bool, timeout: float) -> None:
+    """List running loops, here and on every remote (asked in parallel): task, loop id, where,
+    status, iteration, story, agent, age. A remote that does not answer shows its loops as
+    last seen, and when."""
+
+    async def go(loops: Loops) -> tuple[list[SessionRecord], list[RemoteView]]:
+        local = await loops.list(include_finished=show_all)
+        return local, await gather_remotes(include_finished=show_all, timeout=timeout,
+                                           client=loops.client)
+
+    local, views = with_loops(go)
+    records = _combine(local, views)
+    stale = frozenset(v.remote.name for v in views if not v.reachable)
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
+        click.echo(json.dumps([{**r.to_dict(), "stale": r.location in stale} for r in records],
+                              indent=2, ensure_ascii=False))
         return
+    for view in views:
+        if not view.reachable:
+            _notice(f"{view.remote.name} is unreachable ({view.error}); its loops as last seen "
+                    f"{ago(view.seen_at)}")
     if not records:
         click.echo(
             "No loops recorded yet; start one with `ralph-uv run TASK`."
@@ -212,16 +273,27 @@ def status_command(show_all: bool, as_json: bool) -> None:
             "(`ralph-uv status --all` lists finished ones)."
         )
         return
-    Console().print(_table(records))
+    Console().print(_table(records, stale))
 
 
 @cli.command("attach")
 @click.argument("task", required=False, shell_complete=complete_loop)
+@_ON
+@click.option("--tmux", "use_tmux", is_flag=True,
+              help="Plain tmux on the loop's session (loops run with --backend tmux); "
+              "over ssh -t for a remote loop.")
+@click.option("--ssh-via", metavar="URL",
+              help="With --tmux: reach the remote's sshd through this ziti:// or tcp:// URL.")
+@click.option("--transcript", is_flag=True,
+              help="For an opencode loop: this view of its transcript, not opencode attach.")
 @click.pass_context
-def attach_command(ctx: click.Context, task: str | None) -> None:
+def attach_command(ctx: click.Context, task: str | None, on: str | None, use_tmux: bool,
+                   ssh_via: str | None, transcript: bool) -> None:
     """Show a running loop's agent terminal, full screen, with a status bar.
 
     TASK is a task name or a loop id; without it, the most recently started running loop.
+    An opencode loop opens the real `opencode attach` on the loop's server instead (unless
+    --transcript); --tmux replaces this with `tmux attach` on the loop's tmux session.
 
     \b
     Keys after the prefix (Ctrl-] unless attach_prefix is set in config.toml):
@@ -231,19 +303,29 @@ def attach_command(ctx: click.Context, task: str | None) -> None:
       ?  help on the status bar                  Ctrl-] Ctrl-]  send Ctrl-] itself
     """
 
-    async def go(loops: Loops) -> AttachResult:
-        loop = loop_ref(task) if task else (await loops.most_recent_running()).loop_id
+    target = loop_target(task, on) if task else None
+    remote = target.remote if target else None
+    if use_tmux:
+        attach_with_tmux(target.loop if target else None, remote, ssh_via=ssh_via)
+
+    async def go(loops: Loops) -> AttachResult | int:
+        loop = target.loop if target else (await loops.most_recent_running()).loop_id
+        if not transcript and (status := await opencode_attach(loops, loop)) is not None:
+            return status
         return await attach_loop(loops, loop)
 
-    ctx.exit(report_attach(with_loops(go, kind="attach")))
+    result = with_loops(go, kind="attach", remote=remote)
+    ctx.exit(result if isinstance(result, int) else report_attach(result))
 
 
 @cli.command("stop")
 @click.argument("task", shell_complete=complete_loop)
 @click.option("--now", is_flag=True, help="Stop at once instead of after the current iteration.")
-def stop_command(task: str, now: bool) -> None:
+@_ON
+def stop_command(task: str, now: bool, on: str | None) -> None:
     """Stop TASK's loop after its current iteration (or --now)."""
-    record = with_loops(lambda loops: loops.stop(loop_ref(task), now=now))
+    target = loop_target(task, on)
+    record = with_loops(lambda loops: loops.stop(target.loop, now=now), remote=target.remote)
     name = f"{record.task_name} ({record.loop_id})"
     if record.status.is_terminal:
         click.echo(f"{name} has already ended: {record.status.value}")
@@ -255,10 +337,12 @@ def stop_command(task: str, now: bool) -> None:
 
 @cli.command("checkpoint")
 @click.argument("task", shell_complete=complete_loop)
-def checkpoint_command(task: str) -> None:
+@_ON
+def checkpoint_command(task: str, on: str | None) -> None:
     """Checkpoint TASK's loop: the current iteration finishes, then the loop stops as
     `checkpointed`, ready to run again."""
-    record = with_loops(lambda loops: loops.checkpoint(loop_ref(task)))
+    target = loop_target(task, on)
+    record = with_loops(lambda loops: loops.checkpoint(target.loop), remote=target.remote)
     name = f"{record.task_name} ({record.loop_id})"
     if record.status.is_terminal:
         click.echo(f"{name} has already ended: {record.status.value}")
@@ -269,14 +353,16 @@ def checkpoint_command(task: str) -> None:
 @cli.command("inject")
 @click.argument("task", shell_complete=complete_loop)
 @click.argument("text")
-def inject_command(task: str, text: str) -> None:
+@_ON
+def inject_command(task: str, text: str, on: str | None) -> None:
     """Add TEXT to the prompt of TASK's next iteration (TEXT `-` reads it from stdin)."""
     prompt = sys.stdin.read() if text == "-" else text
+    target = loop_target(task, on)
 
     async def go(loops: Loops) -> Mapping[str, Any]:
-        return await loops.inject(loop_ref(task), prompt)
+        return await loops.inject(target.loop, prompt)
 
-    iteration = with_loops(go).get("iteration")
+    iteration = with_loops(go, remote=target.remote).get("iteration")
     click.echo(f"{task}: prompt queued" + (f" for iteration {iteration}" if iteration else ""))
 
 
@@ -317,16 +403,19 @@ class TerminalText:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the loop ends.")
 @click.option("--since", type=click.IntRange(0), default=0, help="Start at this byte offset.")
 @click.option("--raw", is_flag=True, help="The bytes as the agent wrote them, escape codes too.")
+@_ON
 @click.pass_context
-def logs_command(ctx: click.Context, task: str, follow: bool, since: int, raw: bool) -> None:
+def logs_command(ctx: click.Context, task: str, follow: bool, since: int, raw: bool,
+                 on: str | None) -> None:
     """Print the output of TASK's loop (its most recent one; or a loop id) from its journal,
     also after the loop has ended."""
     out = sys.stdout.buffer
     cleaner = TerminalText()
+    target = loop_target(task, on)
 
     async def go(loops: Loops) -> LoopEvent | None:
         last: LoopEvent | None = None
-        async for item in loops.logs(loop_ref(task), since=since, follow=follow):
+        async for item in loops.logs(target.loop, since=since, follow=follow):
             if isinstance(item, bytes):
                 out.write(item if raw else cleaner.feed(item).encode())
                 out.flush()
@@ -337,7 +426,7 @@ def logs_command(ctx: click.Context, task: str, follow: bool, since: int, raw: b
         return last
 
     try:
-        finished = with_loops(go)
+        finished = with_loops(go, remote=target.remote)
     except KeyboardInterrupt:
         ctx.exit(130)
     if not raw:
@@ -352,13 +441,16 @@ def logs_command(ctx: click.Context, task: str, follow: bool, since: int, raw: b
 @click.argument("task", shell_complete=complete_loop)
 @click.argument("text")
 @click.option("--no-enter", is_flag=True, help="Type TEXT without pressing Enter after it.")
-def send_command(task: str, text: str, no_enter: bool) -> None:
+@_ON
+def send_command(task: str, text: str, no_enter: bool, on: str | None) -> None:
     """Type TEXT (and Enter) into the agent's terminal of TASK's loop.
 
     It takes interactive mode for the moment and gives it back; it is refused, naming the
     holder, while someone else holds interactive mode.
     """
-    state = with_loops(lambda loops: loops.send(loop_ref(task), text, enter=not no_enter))
+    target = loop_target(task, on)
+    state = with_loops(lambda loops: loops.send(target.loop, text, enter=not no_enter),
+                       remote=target.remote)
     click.echo(f"typed into {state.task_name} ({state.loop_id})")
 
 

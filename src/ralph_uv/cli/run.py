@@ -14,6 +14,7 @@ import click
 from ralph_uv.cli import cli
 from ralph_uv.cli.loops import EXIT_STATUS, attach_loop, complete_task, report_attach, with_loops
 from ralph_uv.client.loops import LoopEvent, Loops, RunOptions
+from ralph_uv.client.remote_run import SYNC_MODES, RemotePlan, plan_remote_run, start_remote_loop
 from ralph_uv.config import Config, load_config, load_env_file, paths
 from ralph_uv.errors import UserError
 from ralph_uv.prd import load_prd
@@ -134,6 +135,17 @@ async def _run(spec: LoopSpec, config: Config, show: Callable[[bytes], None]) ->
     "--max-runtime", type=click.FloatRange(1), help="Stop the loop after this many seconds."
 )
 @click.option("--failover", help="Agents to switch to after repeated failures, comma separated.")
+@click.option("--on", "on", metavar="REMOTE",
+              help="Run the loop on this remote (`ralph-uv remote add`): the branch is sent "
+                   "there and the loop runs in a fresh checkout.")
+@click.option("--sync", type=click.Choice(SYNC_MODES), default="bundle", show_default=True,
+              help="With --on: send the branch as a git bundle, or push it to origin and let "
+                   "the remote fetch it.")
+@click.option("--push-every", type=click.IntRange(1), metavar="N",
+              help="With --on --sync origin: the remote pushes the loop's branch to origin "
+                   "every N iterations.")
+@click.option("--install-agents", is_flag=True,
+              help="With --on: install the agent CLI on the remote (npm) if it is missing.")
 def run(
     task: str | None,
     foreground: bool,
@@ -147,6 +159,10 @@ def run(
     timeout: float | None,
     max_runtime: float | None,
     failover: str | None,
+    on: str | None,
+    sync: str,
+    push_every: int | None,
+    install_agents: bool,
 ) -> None:
     """Run a Ralph loop on TASK until every story in its prd.json passes.
 
@@ -156,7 +172,8 @@ def run(
     The loop runs under this machine's ralphd (started if needed) and this terminal attaches
     to it: Ctrl-] d detaches and the loop goes on (`ralph-uv attach TASK` to come back).
     With --detach the command returns at once; with --foreground the loop runs inside this
-    process instead, its output on this terminal.
+    process instead, its output on this terminal. With --on REMOTE it runs on that machine
+    (its branch is sent first; `ralph-uv pull TASK` brings the commits back).
 
     \b
     Exit status: 0 completed, checkpointed or stopped (or detached); 1 failed; 2 bad input
@@ -164,6 +181,10 @@ def run(
     """
     if foreground and detach:
         raise click.UsageError("--foreground and --detach exclude each other; pick one")
+    if on is None and (push_every is not None or install_agents or sync != "bundle"):
+        raise click.UsageError("--sync, --push-every and --install-agents go with --on REMOTE")
+    if on is not None and foreground:
+        raise click.UsageError("--foreground runs the loop here; leave it out with --on")
     config = load_config().with_overrides(
         max_iterations=max_iterations,
         yolo=yolo,
@@ -173,6 +194,10 @@ def run(
         failover=tuple(p.strip() for p in failover.split(",") if p.strip()) if failover else None,
     )
     ref = resolve_task(task) if task else pick_task()
+    plan = None
+    if on is not None:  # every check before anything is sent or started
+        plan = plan_remote_run(on, ref, sync="origin" if sync == "origin" else "bundle",
+                               base_branch=base_branch, push_every=push_every)
     if not foreground:
         load_prd(ref.prd_file)  # a broken prd.json stops here, with its problems listed
         options = RunOptions(
@@ -186,7 +211,8 @@ def run(
             max_runtime=config.max_runtime,
             failover=config.failover or None,
         )
-        sys.exit(_run_through_ralphd(ref, options, detach=detach))
+        sys.exit(_run_through_ralphd(ref, options, detach=detach, plan=plan,
+                                     install_agents=install_agents))
     outcome = run_foreground(
         ref, config, {"agent": agent, "model": model, "base_branch": base_branch}
     )
@@ -201,15 +227,25 @@ def run(
     sys.exit(EXIT_STATUS.get(outcome.status, 1))
 
 
-def _run_through_ralphd(ref: TaskRef, options: RunOptions, *, detach: bool) -> int:
-    """Start the loop under ralphd, then attach (a terminal), follow its output (no
-    terminal) or return (``detach``); the exit status."""
+def _notice(text: str) -> None:
+    click.echo(f"[ralph-uv] {text}", err=True)
+
+
+def _run_through_ralphd(ref: TaskRef, options: RunOptions, *, detach: bool,
+                        plan: RemotePlan | None = None, install_agents: bool = False) -> int:
+    """Start the loop under ralphd (the remote's with ``plan``), then attach (a terminal),
+    follow its output (no terminal) or return (``detach``); the exit status."""
     attachable = sys.stdin.isatty() and sys.stdout.isatty()
 
     async def go(loops: Loops) -> int:
-        record = await loops.start(ref, options)
+        if plan is None:
+            record = await loops.start(ref, options)
+        else:
+            record = await start_remote_loop(loops.daemon, plan, options,
+                                             install_agents=install_agents, on_notice=_notice)
+        where = f" on {plan.remote.name}" if plan is not None else ""
         click.echo(
-            f"[ralph-uv] loop {record.loop_id} started: task {record.task_name} with "
+            f"[ralph-uv] loop {record.loop_id} started{where}: task {record.task_name} with "
             f"{record.agent} (max {record.max_iterations} iterations)",
             err=True,
         )
@@ -222,7 +258,7 @@ def _run_through_ralphd(ref: TaskRef, options: RunOptions, *, detach: bool) -> i
         return await _follow(loops, record.loop_id)
 
     try:
-        return with_loops(go)
+        return with_loops(go, remote=plan.remote.name if plan is not None else None)
     except KeyboardInterrupt:
         click.echo(
             f"\n[ralph-uv] the loop goes on; stop it with `ralph-uv stop {ref.name}`", err=True

@@ -332,6 +332,7 @@ class RunOptions:
     iteration_timeout: float | None = None
     max_runtime: float | None = None
     failover: tuple[str, ...] | None = None
+    backend: str | None = None  # "pty" or "tmux": where a terminal-based agent runs
 
     def params(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -346,11 +347,15 @@ LogItem = bytes | LoopEvent
 
 
 class Loops:
-    """The loop commands over a connection to ralphd (see :meth:`connect`)."""
+    """The loop commands over a connection to ralphd (see :meth:`connect`). ``reconnect``
+    makes a new connection when this one is lost (default: this machine's ralphd, started if
+    needed); a remote's loops pass one that dials the remote again."""
 
-    def __init__(self, daemon: DaemonClient, *, client: str) -> None:
+    def __init__(self, daemon: DaemonClient, *, client: str,
+                 reconnect: Callable[[], Awaitable[DaemonClient]] | None = None) -> None:
         self.daemon = daemon
         self.client = client
+        self._reconnect = reconnect
 
     @classmethod
     async def connect(
@@ -406,7 +411,9 @@ class Loops:
             return await self.daemon.connect_loop(loop)
         except TransportError:
             log.info("ralphd went away; connecting again")
-            old, self.daemon = self.daemon, await connect_daemon(client=self.client)
+            fresh = await (self._reconnect() if self._reconnect is not None
+                           else connect_daemon(client=self.client))
+            old, self.daemon = self.daemon, fresh
             await old.close()
             return await self.daemon.connect_loop(loop)
 
