@@ -243,3 +243,20 @@ async def test_push_every_n_iterations(client: DaemonClient, tmp_path: Path) -> 
     assert len(moves) == 2
     assert git(origin, "log", "-1", "--format=%s", "ralph/demo") == "US-003: implemented"
     assert git(origin, "log", "-1", "--format=%s", moves[1]) == "US-002: implemented"
+
+
+async def test_the_same_task_runs_again_from_main_after_a_finished_loop(
+    client: DaemonClient, tmp_path: Path
+) -> None:
+    """Starting the same task again from main, after an earlier remote loop of it finished on
+    the prd's branch, works: the finished loop's checkout hands the branch over (it is detached,
+    its files untouched) and the second loop goes on from the first one's commit."""
+    repo = make_task(tmp_path, stories=2).parent.parent
+    await push_branch_bundle(client, repo, "app", "main", None)
+    first = await run_remote_loop(client, "app", "main")
+    assert first["status"] == "exhausted"
+    second = await run_remote_loop(client, "app", "main")
+    assert second["status"] == "completed", second["reason"]
+    first_checkout = Path(first["task_dir"]).parent.parent
+    assert git(first_checkout, "branch", "--show-current") == ""
+    assert (first_checkout / "US-001.txt").exists()

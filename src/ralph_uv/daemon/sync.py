@@ -39,7 +39,7 @@ from ralph_uv.config import Paths
 from ralph_uv.daemon.config import DaemonConfig
 from ralph_uv.daemon.workspaces import Checkout, CheckoutState, Workspaces, read_checkout
 from ralph_uv.errors import ErrorCode, RalphError, UserError
-from ralph_uv.prd import set_story_notes
+from ralph_uv.prd import load_prd, set_story_notes
 from ralph_uv.protocol import Dispatcher
 from ralph_uv.protocol.dispatch import InvalidParams
 from ralph_uv.registry import LOCAL, Registry, SessionRecord
@@ -224,6 +224,15 @@ async def maintain(server: _Daemon, *, interval: float = MAINTENANCE_INTERVAL) -
         await asyncio.sleep(interval)
 
 
+def _prd_branch(task_dir: Path) -> str | None:
+    """The ``branchName`` of the task's prd.json, if it can be read (start_loop reports a
+    broken prd.json itself)."""
+    try:
+        return load_prd(task_dir / "prd.json").branch_name or None
+    except RalphError:
+        return None
+
+
 def _task_name(task_path: str) -> str:
     parts = task_path.split("/")
     return "/".join(parts[1:]) if parts[0] == "tasks" and len(parts) > 1 else parts[-1]
@@ -252,9 +261,19 @@ async def open_checkout(
         raise UserError(f"project {project!r} has no origin; sync it with sync_origin first")
     loop_id = new_loop_id(name)
     folder = f"{name.replace('/', '-')}-{loop_id}"
-    path = await asyncio.to_thread(workspaces.add_checkout, project, branch, folder,
-                                   active_checkouts(server))
+    active = active_checkouts(server)
+    path = await asyncio.to_thread(workspaces.add_checkout, project, branch, folder, active)
     workspaces.reserved.add(path)
+    # The loop switches its checkout to the prd's own branch; a finished loop's checkout that
+    # still holds that branch must hand it over (a running one's refuses).
+    loop_branch = await asyncio.to_thread(_prd_branch, path / task_path)
+    if loop_branch and loop_branch != branch:
+        try:
+            await asyncio.to_thread(workspaces.release_branch, project, loop_branch, active)
+        except RalphError:
+            workspaces.reserved.discard(path)
+            await asyncio.to_thread(workspaces.remove_new_checkout, project, path)
+            raise
     checkout = Checkout(project, branch, path, task_path, sync, push_every)
     log.info("loop %s: checkout %s of %s on %s", loop_id, path, project, branch)
     return loop_id, name, checkout
