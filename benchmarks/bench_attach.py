@@ -37,6 +37,8 @@ import termios
 import time
 from pathlib import Path
 
+from _common import cpu_model, git
+
 RALPH = [sys.executable, "-m", "ralph_uv.cli.__main__"]
 TARGET_TOTAL = 1.0
 TARGET_CLIENT = 0.2
@@ -57,20 +59,6 @@ _AGENT = (
 )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
-
-
 def _setup(root: Path, output_bytes: int) -> Path:
     repo = root / "repo"
     task = repo / "tasks" / "bench"
@@ -80,11 +68,11 @@ def _setup(root: Path, output_bytes: int) -> Path:
     prd = {"schemaVersion": "2.5", "project": "bench", "branchName": "ralph/bench",
            "description": "bench", "userStories": [story]}
     (task / "prd.json").write_text(json.dumps(prd, indent=2) + "\n")
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "config", "user.email", "b@example.com")
-    _git(repo, "config", "user.name", "Bench")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "initial")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "b@example.com")
+    git(repo, "config", "user.name", "Bench")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "initial")
     agent = root / "agent.py"
     agent.write_text(_AGENT)
     config = root / "home" / "config"
@@ -173,7 +161,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     figures = {
         "date": datetime.date.today().isoformat(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "runs": args.runs,

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_model, git
+
 ROOT = Path(tempfile.mkdtemp(prefix="bench-rd-", dir="/tmp"))
 os.environ["RALPH_HOME"] = str(ROOT / "home")
 
@@ -36,16 +38,6 @@ from ralph_uv.config import paths  # noqa: E402
 AGENT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "long_agent.py"
 TICKS = os.sysconf("SC_CLK_TCK")
 TARGET_CPU_PERCENT = 0.5
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -60,10 +52,6 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
-
-
 def _task(number: int) -> Path:
     repo = ROOT / f"repo{number}"
     task = repo / "tasks" / "idle"
@@ -76,9 +64,9 @@ def _task(number: int) -> Path:
                          "priority": 1, "passes": False}],
     }
     (task / "prd.json").write_text(json.dumps(prd))
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "-c", "user.email=b@example.com", "-c", "user.name=B", "add", "-A")
-    _git(repo, "-c", "user.email=b@example.com", "-c", "user.name=B", "commit", "-qm", "init")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "-c", "user.email=b@example.com", "-c", "user.name=B", "add", "-A")
+    git(repo, "-c", "user.email=b@example.com", "-c", "user.name=B", "commit", "-qm", "init")
     return task
 
 
@@ -126,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     machine = {
         "nproc": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "system": f"{platform.system()} {platform.release()}",
         "loadavg_1m": round(os.getloadavg()[0], 2),

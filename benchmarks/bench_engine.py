@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from _common import cpu_model
 
 from ralph_uv.agents.base import (
     AgentBackend,
@@ -103,9 +104,7 @@ def main() -> None:
         os.environ["RALPH_HOME"] = str(Path(tmp) / "home")
         runs = [asyncio.run(_measure(Path(tmp) / f"run{i}")) for i in range(3)]
     median = statistics.median(r["engine_ms_per_iteration"] for r in runs)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    print(f"machine: {os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {sys.version.split()[0]}")
     print(f"date: {datetime.now(UTC).isoformat(timespec='seconds')}")
     print(f"engine overhead per iteration (median of 3 loops of {STORIES}): {median:.1f} ms "
           f"(target < 50 ms)")

@@ -23,21 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_model
+
 from ralph_uv.journal import DEFAULT_RETENTION, OutputJournal
 
 MIB = 1024 * 1024
 TARGET_APPEND = 200.0
 TARGET_READ = 500.0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _filesystem(path: Path) -> str:
@@ -94,7 +86,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-journal-", dir=args.dir))
     machine = {
         "nproc": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "system": f"{platform.system()} {platform.release()}",
         "filesystem": _filesystem(root.resolve()),

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, git, percentile
+
 MB = 1_000_000
 _LIMIT = 32 * 1024 * 1024  # the benchmark's line buffer: far above any notification
 
@@ -56,25 +58,6 @@ _FLOOD_AGENT = textwrap.dedent(
             left -= os.write(1, view[: min(len(block), left)])
     """
 )
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
 
 
 class Bench:
@@ -109,9 +92,9 @@ class Bench:
                              "acceptanceCriteria": [{"description": "d", "passes": False}]}],
         }
         (task / "prd.json").write_text(json.dumps(prd))
-        _git(repo, "init", "-q", "-b", "main")
-        _git(repo, "-c", "user.email=b@example.com", "-c", "user.name=b", "add", "-A")
-        _git(repo, "-c", "user.email=b@example.com", "-c", "user.name=b", "commit", "-qm", "i")
+        git(repo, "init", "-q", "-b", "main")
+        git(repo, "-c", "user.email=b@example.com", "-c", "user.name=b", "add", "-A")
+        git(repo, "-c", "user.email=b@example.com", "-c", "user.name=b", "commit", "-qm", "i")
         return task
 
     def spawn_runner(self, loop_id: str, agent: str) -> Path:
@@ -237,7 +220,7 @@ async def _get_status(socket_path: Path, calls: int) -> dict[str, float]:
         await endpoint.call("get_status")
         samples.append((clock() - start) / 1000)
     await endpoint.close()
-    return {"p50_us": _percentile(samples, 0.5), "p99_us": _percentile(samples, 0.99),
+    return {"p50_us": percentile(samples, 0.5), "p99_us": percentile(samples, 0.99),
             "mean_us": statistics.fmean(samples), "calls": calls}
 
 
@@ -257,7 +240,7 @@ def _get_status_plain(socket_path: Path, calls: int) -> dict[str, float]:
             reader.readline()
             if index >= calls // 10:
                 samples.append((clock() - start) / 1000)
-    return {"p50_us": _percentile(samples, 0.5), "p99_us": _percentile(samples, 0.99),
+    return {"p50_us": percentile(samples, 0.5), "p99_us": percentile(samples, 0.99),
             "calls": calls}
 
 
@@ -285,7 +268,7 @@ async def _keystroke_echo(socket_path: Path, keys: int) -> dict[str, float]:
             await control.arrived.wait()
         samples.append((clock() - start) / 1000)
     await endpoint.close()
-    return {"p50_us": _percentile(samples, 0.5), "p99_us": _percentile(samples, 0.99),
+    return {"p50_us": percentile(samples, 0.5), "p99_us": percentile(samples, 0.99),
             "keys": len(samples)}
 
 
@@ -385,7 +368,7 @@ def main() -> None:
     args = parser.parse_args()
     results = asyncio.run(_run(args.quick))
     machine = {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
         "kernel": platform.release(),
         "load_1m": os.getloadavg()[0],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -49,16 +51,6 @@ from ralph_uv.transports.unix import open_unix, start_unix_server  # noqa: E402
 
 _HELLO = {"protocol": "1.0", "client": "bench", "capabilities": ["x", "y"]}
 _CHUNK = 256 * 1024
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------ the server
@@ -104,11 +96,6 @@ async def _serve(path: str) -> None:
 # ---------------------------------------------------------------------------- measurements
 
 
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
 async def _round_trips(stream: Stream, calls: int, warmup: int) -> dict[str, float]:
     samples: list[float] = []
     async with Endpoint(stream) as endpoint:
@@ -118,8 +105,8 @@ async def _round_trips(stream: Stream, calls: int, warmup: int) -> dict[str, flo
             start = time.perf_counter_ns()
             await endpoint.call("echo", _HELLO)
             samples.append((time.perf_counter_ns() - start) / 1000)
-    return {"p50_us": round(_percentile(samples, 0.5), 1),
-            "p99_us": round(_percentile(samples, 0.99), 1)}
+    return {"p50_us": round(percentile(samples, 0.5), 1),
+            "p99_us": round(percentile(samples, 0.99), 1)}
 
 
 async def _throughput(stream: Stream, size: int) -> float:
@@ -262,7 +249,7 @@ def main() -> None:
     result = {"benchmark": "transports", **_run(args)}
     result.update({
         "date": datetime.date.today().isoformat(), "nproc": os.cpu_count(),
-        "cpu": _cpu_model(), "python": platform.python_version(),
+        "cpu": cpu_model(), "python": platform.python_version(),
         "openssh": subprocess.run(["ssh", "-V"], capture_output=True,
                                   text=True).stderr.strip(),
     })

@@ -27,6 +27,7 @@ from ralph_uv.agents.opencode import OpenCodeBackend, OpenCodeSession
 from ralph_uv.agents.opencode_server import SERVER_LOG, OpenCodeServer, OpenCodeServerError
 from ralph_uv.demo.demo_model import ModelReply, ScriptedModel, SlowModel, ToolUseBlock
 from ralph_uv.demo.model_server import Fault, ModelServer
+from ralph_uv.demo.offline import private_home_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +35,7 @@ MODEL = "anthropic/claude-sonnet-4-5"
 
 
 def _isolated_env(root: Path) -> dict[str, str]:
-    home = root / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    return {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_DATA_HOME": str(home / ".local" / "share"),
-        "XDG_STATE_HOME": str(home / ".local" / "state"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "OPENCODE_DISABLE_MODELS_FETCH": "1",
-        "OPENCODE_DISABLE_AUTOUPDATE": "1",
-        "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-        # opencode installs its plugin package in the background; keep npm off the network.
-        "npm_config_offline": "true",
-        "npm_config_registry": "http://127.0.0.1:9/",
-    }
+    return private_home_env(root / "home")
 
 
 def _provider(server: ModelServer) -> dict[str, Any]:

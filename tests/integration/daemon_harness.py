@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import wait_until
+from tests.integration.task_repo import git as git
+from tests.integration.task_repo import new_task_repo, prd_document
 
 from ralph_uv.config import paths
 from ralph_uv.daemon.supervisor import process_alive
@@ -34,41 +36,9 @@ AGENTS: dict[str, list[str]] = {
 }
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 def make_task(root: Path, name: str = "demo", stories: int = 1) -> Path:
     """A git repository ``root/<name>-repo`` holding ``tasks/<name>/prd.json``; the task folder."""
-    repo = root / f"{name}-repo"
-    task = repo / "tasks" / name
-    task.mkdir(parents=True)
-    prd = {
-        "schemaVersion": "2.5",
-        "project": name,
-        "branchName": f"ralph/{name}",
-        "description": "daemon test",
-        "userStories": [
-            {
-                "id": f"US-{i:03d}",
-                "title": f"Story {i}",
-                "description": "do it",
-                "acceptanceCriteria": [{"description": "done", "passes": False}],
-                "priority": i,
-                "passes": False,
-            }
-            for i in range(1, stories + 1)
-        ],
-    }
-    (task / "prd.json").write_text(json.dumps(prd, indent=2) + "\n")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "t@example.com")
-    git(repo, "config", "user.name", "Test")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "initial")
-    return task
+    return new_task_repo(root / f"{name}-repo", name, prd_document(name, stories, "daemon test"))
 
 
 def write_config(daemon: dict[str, Any] | None = None) -> None:

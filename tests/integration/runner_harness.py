@@ -11,11 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.helpers import async_wait_until
+from tests.integration.task_repo import new_task_repo, prd_document
 
 from ralph_uv.config import paths
 from ralph_uv.journal import LoopJournal
@@ -46,41 +48,9 @@ BASE_OVERRIDES: dict[str, Any] = {
 }
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 def make_task(root: Path, stories: int = 2) -> Path:
     """A git repository under ``root`` with ``tasks/demo/prd.json``; returns the task folder."""
-    task = root / "repo" / "tasks" / "demo"
-    task.mkdir(parents=True)
-    prd = {
-        "schemaVersion": "2.5",
-        "project": "demo",
-        "branchName": "ralph/demo",
-        "description": "runner test",
-        "userStories": [
-            {
-                "id": f"US-{i:03d}",
-                "title": f"Story {i}",
-                "description": "do it",
-                "acceptanceCriteria": [{"description": "done", "passes": False}],
-                "priority": i,
-                "passes": False,
-            }
-            for i in range(1, stories + 1)
-        ],
-    }
-    (task / "prd.json").write_text(json.dumps(prd, indent=2) + "\n")
-    repo = root / "repo"
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "t@example.com")
-    git(repo, "config", "user.name", "Test")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "initial")
-    return task
+    return new_task_repo(root / "repo", "demo", prd_document("demo", stories, "runner test"))
 
 
 def write_agents_config() -> None:
@@ -145,6 +115,10 @@ class RunnerProcess:
                 self.process.send_signal(sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=patience)
+
+
+StartRunner = Callable[..., RunnerProcess]
+"""What the ``runners`` fixture gives: ``start(agent="cat", **start_runner options)``."""
 
 
 def start_runner(

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from tests.helpers import async_wait_until
+from tests.integration.task_repo import git as _git
+from tests.integration.task_repo import new_task_repo, prd_document
 
 from ralph_uv.config import Config, CustomAgent
 from ralph_uv.errors import UserError
@@ -28,43 +29,14 @@ AGENT_SCRIPT = Path(__file__).parent.parent / "fixtures" / "scripted_agent.py"
 MODES = ["work", "ratelimit:2", "fail", "noop", "echo", "slow"]
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 def _prd(stories: int = 3) -> dict[str, object]:
-    return {
-        "schemaVersion": "2.5",
-        "project": "demo",
-        "branchName": "ralph/demo",
-        "description": "engine test",
-        "userStories": [
-            {
-                "id": f"US-{i:03d}",
-                "title": f"Story {i}",
-                "description": "do it",
-                "acceptanceCriteria": [{"description": "done", "passes": False}],
-                "priority": i,
-                "passes": False,
-            }
-            for i in range(1, stories + 1)
-        ],
-    }
+    return prd_document("demo", stories, "engine test")
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
-    task = root / "tasks" / "demo"
-    task.mkdir(parents=True)
-    (task / "prd.json").write_text(json.dumps(_prd(), indent=2) + "\n")
-    _git(root, "init", "-q", "-b", "main")
-    _git(root, "config", "user.email", "t@example.com")
-    _git(root, "config", "user.name", "Test")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-qm", "initial")
+    new_task_repo(root, "demo", _prd())
     return root
 
 

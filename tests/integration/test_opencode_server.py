@@ -15,6 +15,7 @@ from tests.helpers import async_wait_until
 from ralph_uv.agents.detect import find_binary
 from ralph_uv.agents.opencode import OpenCodeBackend
 from ralph_uv.agents.opencode_server import SERVER_LOG, OpenCodeServerError, basic_auth
+from ralph_uv.demo.offline import private_home_env
 from ralph_uv.errors import ErrorCode
 
 
@@ -40,21 +41,7 @@ def _group_alive(pgid: int) -> bool:
 
 def isolated_env(root: Path) -> dict[str, str]:
     """A home and XDG folders of its own, and no fetching of model lists from the internet."""
-    home = root / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    return {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_DATA_HOME": str(home / ".local" / "share"),
-        "XDG_STATE_HOME": str(home / ".local" / "state"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "OPENCODE_DISABLE_MODELS_FETCH": "1",
-        "OPENCODE_DISABLE_AUTOUPDATE": "1",
-        "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-        # opencode installs its plugin package in the background; keep npm off the network.
-        "npm_config_offline": "true",
-        "npm_config_registry": "http://127.0.0.1:9/",
-    }
+    return private_home_env(root / "home")
 
 
 @pytest.fixture

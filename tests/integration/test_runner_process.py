@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,10 @@ import pytest
 from tests.helpers import async_wait_until
 from tests.integration.runner_harness import (
     Client,
-    RunnerProcess,
+    StartRunner,
     connect_when_ready,
-    make_task,
     process_alive,
-    start_runner,
     wait_status,
-    write_agents_config,
 )
 
 from ralph_uv.config import paths
@@ -35,28 +31,6 @@ from ralph_uv.errors import ErrorCode
 from ralph_uv.registry import Registry
 
 pytestmark = pytest.mark.timeout(120)
-
-StartRunner = Callable[..., RunnerProcess]
-
-
-@pytest.fixture
-def task(tmp_path: Path) -> Path:
-    write_agents_config()
-    return make_task(tmp_path)
-
-
-@pytest.fixture
-def runners(task: Path) -> Iterator[StartRunner]:
-    started: list[RunnerProcess] = []
-
-    def start(agent: str = "cat", **kwargs: Any) -> RunnerProcess:
-        runner = start_runner(task, agent, **kwargs)
-        started.append(runner)
-        return runner
-
-    yield start
-    for runner in started:
-        runner.shutdown()
 
 
 async def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,11 @@ import pytest
 from tests.helpers import async_wait_until
 from tests.integration.runner_harness import (
     Client,
-    RunnerProcess,
+    StartRunner,
     connect_when_ready,
-    make_task,
     process_alive,
     rss_kib,
-    start_runner,
     wait_status,
-    write_agents_config,
 )
 
 from ralph_uv.config import Config
@@ -38,28 +34,6 @@ from ralph_uv.transports.base import Stream
 from ralph_uv.transports.unix import open_unix
 
 pytestmark = pytest.mark.timeout(120)
-
-StartRunner = Callable[..., RunnerProcess]
-
-
-@pytest.fixture
-def task(tmp_path: Path) -> Path:
-    write_agents_config()
-    return make_task(tmp_path)
-
-
-@pytest.fixture
-def runners(task: Path) -> Iterator[StartRunner]:
-    started: list[RunnerProcess] = []
-
-    def start(agent: str = "cat", **kwargs: Any) -> RunnerProcess:
-        runner = start_runner(task, agent, **kwargs)
-        started.append(runner)
-        return runner
-
-    yield start
-    for runner in started:
-        runner.shutdown()
 
 
 def _b64(data: bytes) -> str:

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from ralph_uv.config import paths
 from ralph_uv.errors import TransportError
+from ralph_uv.transports.pump import Sink, Source, pump
 
 __all__ = ["BRIDGE_READY", "ensure_daemon_socket", "run_bridge"]
 
@@ -35,15 +36,7 @@ BRIDGE_READY = "ralph-uv bridge: connected"
 _CHUNK = 256 * 1024
 
 
-class _Source(Protocol):
-    async def read(self, n: int) -> bytes: ...
-
-
-class _Sink(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None: ...
-
+class _Sink(Sink, Protocol):
     def close(self) -> None: ...
 
 
@@ -95,9 +88,9 @@ class _FileWriter:
         self._pending.clear()
 
 
-async def _stdio(stdin_fd: int, stdout_fd: int) -> tuple[_Source, _Sink]:
+async def _stdio(stdin_fd: int, stdout_fd: int) -> tuple[Source, _Sink]:
     loop = asyncio.get_running_loop()
-    reader: _Source
+    reader: Source
     writer: _Sink
     if _pollable(stdin_fd):
         reader = asyncio.StreamReader(limit=_CHUNK)
@@ -129,20 +122,11 @@ async def _open(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]
         raise TransportError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
 
 
-async def _upstream(source: _Source, target: asyncio.StreamWriter) -> None:
+async def _upstream(source: Source, target: asyncio.StreamWriter) -> None:
     """stdin -> socket; at the end of stdin, half-close the socket so ralphd can finish."""
-    while data := await source.read(_CHUNK):
-        target.write(data)
-        await target.drain()
+    await pump(source, target, chunk=_CHUNK)
     if target.can_write_eof():
         target.write_eof()
-
-
-async def _downstream(source: asyncio.StreamReader, target: _Sink) -> None:
-    """socket -> stdout, until ralphd ends the connection."""
-    while data := await source.read(_CHUNK):
-        target.write(data)
-        await target.drain()
 
 
 async def run_bridge(
@@ -169,7 +153,8 @@ async def run_bridge(
         announce(BRIDGE_READY)
     reader, writer = await _stdio(stdin_fd, stdout_fd)
     up = asyncio.create_task(_upstream(reader, sock_writer))
-    down = asyncio.create_task(_downstream(sock_reader, writer))
+    # socket -> stdout, until ralphd ends the connection
+    down = asyncio.create_task(pump(sock_reader, writer, chunk=_CHUNK))
     status = 0
     try:
         # ralphd ending its side ends the bridge; the client ending its side only half-closes.

@@ -9,7 +9,8 @@ most ``grace`` seconds; when a side fails, both are closed.
 
 :class:`HandOver` is how a daemon connection changes hands: its endpoint reads and writes
 through it until the reply to ``connect_loop`` has been written, then lets go of the stream.
-:class:`PrefixedStream` puts back bytes that were read ahead before a connection changed hands.
+:class:`~ralph_uv.transports.pump.PrefixedStream` puts back bytes that were read ahead before a
+connection changed hands.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from ralph_uv.errors import TransportError
 from ralph_uv.transports.base import DEFAULT_READ_SIZE, Stream
+from ralph_uv.transports.pump import PrefixedStream, half_close, pump
 
 __all__ = ["RELAY_CHUNK", "HandOver", "PrefixedStream", "relay"]
 
@@ -30,50 +32,6 @@ log = logging.getLogger("ralph_uv.daemon.relay")
 
 RELAY_CHUNK = DEFAULT_READ_SIZE
 _CLOSE_TIMEOUT = 2.0
-
-
-class PrefixedStream:
-    """A :class:`Stream` that first returns ``prefix``, then reads from ``stream``."""
-
-    def __init__(self, stream: Stream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = bytearray(prefix)
-
-    @property
-    def peer(self) -> str:
-        return self._stream.peer
-
-    @property
-    def extra(self) -> Mapping[str, Any]:
-        return self._stream.extra
-
-    async def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
-        if self._prefix:
-            chunk = bytes(self._prefix[:max_bytes])
-            del self._prefix[:max_bytes]
-            return chunk
-        return await self._stream.read(max_bytes)
-
-    def write(self, data: bytes) -> None:
-        self._stream.write(data)
-
-    async def drain(self) -> None:
-        await self._stream.drain()
-
-    def is_closing(self) -> bool:
-        return self._stream.is_closing()
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def abort(self) -> None:
-        self._stream.abort()
-
-    async def wait_closed(self) -> None:
-        await self._stream.wait_closed()
-
-    def write_eof(self) -> None:
-        _write_eof(self._stream)
 
 
 class HandOver:
@@ -152,28 +110,10 @@ def _is_result_for(line: bytes, request_id: object) -> bool:
     return isinstance(message, dict) and "result" in message and message.get("id") == request_id
 
 
-def _write_eof(stream: Stream) -> bool:
-    """Half-close ``stream`` if it can; False when it cannot."""
-    method = getattr(stream, "write_eof", None)
-    if not callable(method):
-        return False
-    try:
-        method()
-    except (OSError, RuntimeError, TransportError):
-        return False
-    return True
-
-
 async def _pump(source: Stream, target: Stream, counter: list[int]) -> None:
     """Copy ``source`` to ``target`` until ``source`` ends; errors end the copy quietly."""
     try:
-        while True:
-            data = await source.read(RELAY_CHUNK)
-            if not data:
-                return
-            target.write(data)
-            counter[0] += len(data)
-            await target.drain()
+        await pump(source, target, chunk=RELAY_CHUNK, counter=counter)
     except TransportError as exc:
         log.debug("relay %s -> %s ended: %s", source.peer, target.peer, exc.message)
         raise
@@ -208,7 +148,7 @@ async def relay(client: Stream, target: Stream, *, grace: float = 1.0) -> tuple[
         failed = any(task.exception() is not None for task in done if not task.cancelled())
         if not failed and up in done and not down.done():
             # The client has said everything; the target may still be answering it.
-            half_closed = _write_eof(target)
+            half_closed = half_close(target)
             try:
                 async with asyncio.timeout(None if half_closed else grace):
                     await asyncio.wait({down})

@@ -3,7 +3,9 @@
 Any number of clients may watch a loop (``subscribe``, ``get_output``, ``get_status``) and
 steer it (``stop``, ``checkpoint``, ``resume``, ``inject_prompt``); one at a time holds
 *interactive mode* and may type into the agent's terminal (``write_pty``). Output and events come
-from the loop's journal through per-subscriber cursors (:mod:`ralph_uv.runner.subscription`).
+from the loop's journal through per-subscriber cursors (:mod:`ralph_uv.runner.subscription`);
+the methods that only read it are shared with ralphd's archive of ended loops
+(:mod:`ralph_uv.runner.watch`).
 
 Invariants:
 - At most one connection holds interactive mode; it is released when that connection closes.
@@ -20,22 +22,25 @@ import base64
 import binascii
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from ralph_uv import __version__
 from ralph_uv.errors import ErrorCode, RalphError, UserError
 from ralph_uv.protocol import Dispatcher
 from ralph_uv.runner.engine import LoopEngine, StopWhen
 from ralph_uv.runner.host import LoopHost
-from ralph_uv.runner.subscription import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_COALESCE,
-    ChunkCache,
-    EventEndpoint,
-    Subscription,
+from ralph_uv.runner.subscription import DEFAULT_CHUNK_SIZE, DEFAULT_COALESCE, ChunkCache
+from ralph_uv.runner.watch import (
+    MAX_OUTPUT_READ,
+    PROTOCOL_VERSION,
+    SERVER_NAME,
+    Hello,
+    Watcher,
+    add_watch_methods,
+    check_protocol,
+    hello_reply,
+    status_reply,
 )
 from ralph_uv.transports.base import Stream
 from ralph_uv.transports.unix import UnixServer, start_unix_server
@@ -51,19 +56,15 @@ __all__ = [
 
 log = logging.getLogger("ralph_uv.runner.service")
 
-PROTOCOL_VERSION = "1.0"
-SERVER_NAME = "ralph-uv-runner"
 DEFAULT_MAX_CLIENTS = 1000
 DEFAULT_SLOW_PEER_TIMEOUT = 120.0
-MAX_OUTPUT_READ = 1024 * 1024  # raw bytes per get_output: 1.4 MB of base64, well under 4 MiB
-_DEFAULT_OUTPUT_READ = 64 * 1024
 _MAX_CONCURRENT_REQUESTS = 16
 _CLOSE_TIMEOUT = 2.0
 _MAX_CLIENT_NAME = 100
 _MAX_TERMINAL_SIDE = 10_000
 
 
-class LoopConnection:
+class LoopConnection(Watcher):
     """One client connection: its endpoint, its name and its subscriptions."""
 
     def __init__(self, service: LoopService, stream: Stream, number: int) -> None:
@@ -71,15 +72,17 @@ class LoopConnection:
         self.number = number
         self.peer = stream.peer
         self.client = ""
-        self.subscriptions: dict[str, Subscription] = {}
         self._next_subscription = 1
-        self.endpoint = EventEndpoint(
+        super().__init__(
             stream,
             _methods,
-            context=self,
+            service.host.journal,
             max_message_size=service.max_message_size,
             max_concurrent_requests=_MAX_CONCURRENT_REQUESTS,
             slow_peer_timeout=service.slow_peer_timeout,
+            chunk_size=service.chunk_size,
+            coalesce=service.coalesce,
+            chunks=service.chunks,
         )
 
     @property
@@ -92,17 +95,6 @@ class LoopConnection:
         sid = f"{self.number}.{self._next_subscription}"
         self._next_subscription += 1
         return sid
-
-    def forget(self, subscription: Subscription) -> None:
-        """Drop a subscription whose task has ended."""
-        self.subscriptions.pop(subscription.id, None)
-
-    async def end_subscriptions(self, which: list[str] | None = None) -> list[str]:
-        """End the given subscriptions (all when ``None``); return the ids that were ended."""
-        ids = list(self.subscriptions) if which is None else which
-        ended = [self.subscriptions.pop(sid) for sid in ids if sid in self.subscriptions]
-        await asyncio.gather(*(sub.cancel() for sub in ended))
-        return [sub.id for sub in ended]
 
 
 class LoopService:
@@ -213,33 +205,30 @@ class LoopService:
         """The ``get_status`` reply."""
         engine = self.engine
         spec = engine.spec
-        journal = self.host.journal
-        return {
-            "loop_id": spec.loop_id,
-            "task_name": spec.task_name or engine.task_dir.name,
-            "task_dir": str(engine.task_dir),
-            "status": engine.status.value,
-            "reason": engine.reason,
-            "iteration": engine.iteration,
-            "max_iterations": engine.config.max_iterations,
-            "story": engine.current_story,
-            "stories_done": engine.stories_done,
-            "stories_total": engine.stories_total,
-            "agent": engine.agent,
-            "backend": "http"
+        return status_reply(
+            self.host.journal,
+            loop_id=spec.loop_id,
+            task_name=spec.task_name or engine.task_dir.name,
+            task_dir=str(engine.task_dir),
+            status=engine.status,
+            reason=engine.reason,
+            iteration=engine.iteration,
+            max_iterations=engine.config.max_iterations,
+            story=engine.current_story,
+            stories_done=engine.stories_done,
+            stories_total=engine.stories_total,
+            agent=engine.agent,
+            backend="http"
             if engine.agent == "opencode" and engine.agent not in engine.config.agents
             else spec.backend,
+            branch=engine.branch,
+            interactive=self.has_terminal,
+            interactive_holder=self._holder.name if self._holder else None,
+            started_at=engine.started_at,
             # Where `tmux attach` reaches the agent (backend "tmux" only).
-            "tmux": self.host.tmux.target.to_dict() if self.host.tmux is not None else None,
-            "branch": engine.branch,
-            "interactive": self.has_terminal,
-            "interactive_holder": self._holder.name if self._holder else None,
-            "output_start": journal.output.start,
-            "output_end": journal.output.end,
-            "events_next": journal.events.next_seq,
-            "started_at": engine.started_at,
-            "pid": os.getpid(),
-        }
+            tmux=self.host.tmux.target.to_dict() if self.host.tmux is not None else None,
+            pid=os.getpid(),
+        )
 
     def require_running(self, action: str) -> None:
         """Refuse ``action`` (``BAD_STATE``) once the loop has ended."""
@@ -278,30 +267,7 @@ class LoopService:
 # ---------------------------------------------------------------------------------- the methods
 
 _methods: Dispatcher[LoopConnection] = Dispatcher()
-
-
-@dataclass(frozen=True, slots=True)
-class _Hello:
-    protocol: str
-    client: str = ""
-    token: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Since:
-    output: int | None = None
-    events: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Subscribe:
-    streams: list[Literal["output", "events"]] | None = None
-    since: _Since | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Unsubscribe:
-    subscription: str | None = None
+add_watch_methods(_methods)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,100 +302,17 @@ class _Resize:
                 raise ValueError(f"{name} must be between 1 and {_MAX_TERMINAL_SIDE}")
 
 
-@dataclass(frozen=True, slots=True)
-class _GetOutput:
-    since: int
-    limit: int = _DEFAULT_OUTPUT_READ
-
-    def __post_init__(self) -> None:
-        if self.since < 0:
-            raise ValueError("since must be an output offset >= 0")
-        if not 1 <= self.limit <= MAX_OUTPUT_READ:
-            raise ValueError(f"limit must be between 1 and {MAX_OUTPUT_READ} bytes")
-
-
 @_methods.method("hello", allow_extra=True)
-async def _hello(conn: LoopConnection, params: _Hello) -> dict[str, Any]:
-    major = params.protocol.split(".", 1)[0]
-    if major != PROTOCOL_VERSION.split(".", 1)[0]:
-        raise RalphError(
-            f"Unsupported protocol {params.protocol!r}: this runner speaks {PROTOCOL_VERSION}; "
-            "use a ralph-uv client of the same major version",
-            code=ErrorCode.UNSUPPORTED_PROTOCOL,
-        )
+async def _hello(conn: LoopConnection, params: Hello) -> dict[str, Any]:
+    check_protocol(params.protocol, "this runner")
     name = "".join(ch for ch in params.client if ch.isprintable())[:_MAX_CLIENT_NAME]
     conn.client = name.strip()
-    return {
-        "protocol": PROTOCOL_VERSION,
-        "server": SERVER_NAME,
-        "version": __version__,
-        "host": socket.gethostname(),
-        "capabilities": sorted(_methods.names),
-        "loop_id": conn.service.loop_id,
-    }
+    return hello_reply(conn.service.loop_id, _methods.names)
 
 
 @_methods.method("get_status")
 async def _get_status(conn: LoopConnection) -> dict[str, Any]:
     return conn.service.status()
-
-
-@_methods.method("subscribe")
-async def _subscribe(conn: LoopConnection, params: _Subscribe) -> dict[str, Any]:
-    streams = set(params.streams) if params.streams is not None else {"output", "events"}
-    if not streams:
-        raise UserError("subscribe to at least one of the streams 'output' and 'events'")
-    journal = conn.service.host.journal
-    since = params.since or _Since()
-    output_end, events_next = journal.output.end, journal.events.next_seq
-    output_since = events_since = None
-    if "output" in streams:
-        output_since = output_end if since.output is None else since.output
-        if not 0 <= output_since <= output_end:
-            raise UserError(
-                f"since.output {output_since} is outside this loop's output (0..{output_end}); "
-                "pass an offset you were given, 0 to replay, or null for live output only"
-            )
-    if "events" in streams:
-        events_since = events_next if since.events is None else since.events
-        if not 0 <= events_since <= events_next:
-            raise UserError(
-                f"since.events {events_since} is outside this loop's events (0..{events_next}); "
-                "pass a seq you were given, 0 to replay, or null for new events only"
-            )
-    sid = conn.new_subscription_id()
-    subscription = Subscription(
-        sid,
-        journal,
-        conn.endpoint,
-        output_since=output_since,
-        events_since=events_since,
-        chunk_size=conn.service.chunk_size,
-        coalesce=conn.service.coalesce,
-        cache=conn.service.chunks,
-        on_end=conn.forget,
-    )
-    conn.subscriptions[sid] = subscription
-    # Sending starts once this reply is on its way: the reply goes through the write queue
-    # first, so the client learns the subscription id before its first event.
-    asyncio.get_running_loop().call_soon(subscription.start)
-    return {
-        "subscription": sid,
-        "output_start": journal.output.start,
-        "output_end": output_end,
-        "events_next": events_next,
-    }
-
-
-@_methods.method("unsubscribe")
-async def _unsubscribe(conn: LoopConnection, params: _Unsubscribe) -> dict[str, Any]:
-    if params.subscription is not None and params.subscription not in conn.subscriptions:
-        raise UserError(
-            f"no subscription {params.subscription!r} on this connection; "
-            f"yours are: {', '.join(conn.subscriptions) or 'none'}"
-        )
-    which = None if params.subscription is None else [params.subscription]
-    return {"unsubscribed": await conn.end_subscriptions(which)}
 
 
 @_methods.method("stop")
@@ -533,15 +416,3 @@ async def _resize(conn: LoopConnection, params: _Resize) -> dict[str, Any]:
     if applied:
         conn.service.engine.resize(params.cols, params.rows)
     return {"cols": params.cols, "rows": params.rows, "applied": applied}
-
-
-@_methods.method("get_output")
-async def _get_output(conn: LoopConnection, params: _GetOutput) -> dict[str, Any]:
-    result = conn.service.host.journal.read_output(params.since, params.limit)
-    return {
-        "data": base64.b64encode(result.data).decode("ascii"),
-        "start": result.start,
-        "next": result.next,
-        "end": result.end,
-        "gap": None if result.gap is None else {"from": result.gap[0], "to": result.gap[1]},
-    }

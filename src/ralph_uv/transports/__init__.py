@@ -24,9 +24,10 @@ from typing import Protocol
 
 from ralph_uv.config import paths
 from ralph_uv.errors import UserError
-from ralph_uv.transports.auth import ReplayStream, check_token, generate_token
+from ralph_uv.transports.auth import check_token, generate_token
 from ralph_uv.transports.base import Stream
 from ralph_uv.transports.options import ConnectOptions, ListenOptions
+from ralph_uv.transports.pump import PrefixedStream
 from ralph_uv.transports.unix import UnixServer, open_unix, start_unix_server
 from ralph_uv.transports.urls import (
     Address,
@@ -128,7 +129,7 @@ async def listen(url: str, on_connect: OnConnect, *, options: ListenOptions) -> 
         path = address.path or paths().daemon_socket
 
         async def admitted(stream: Stream) -> None:
-            await on_connect(ReplayStream(stream, b"", {"authenticated": True}))
+            await on_connect(PrefixedStream(stream, b"", {"authenticated": True}))
 
         server = await start_unix_server(path, admitted, allowed_uid=options.allowed_uid,
                                          max_connections=options.max_connections)

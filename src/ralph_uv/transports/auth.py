@@ -27,18 +27,17 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ralph_uv.errors import ErrorCode, TransportError, UserError
 from ralph_uv.protocol.framing import encode
 from ralph_uv.protocol.messages import ErrorResponse
-from ralph_uv.transports.base import DEFAULT_READ_SIZE, Stream
+from ralph_uv.transports.base import Stream
+from ralph_uv.transports.pump import PrefixedStream
 
 __all__ = [
     "MAX_HELLO_SIZE",
-    "ReplayStream",
     "TokenStream",
     "check_token",
     "gate",
@@ -125,50 +124,6 @@ def resolve_token(token: str | None, token_file: Path | None) -> str | None:
     return None
 
 
-class ReplayStream:
-    """A :class:`Stream` that first returns bytes already read from ``stream`` (its pushback
-    buffer), then reads on; ``extra`` adds to the wrapped stream's."""
-
-    def __init__(self, stream: Stream, replay: bytes, extra: Mapping[str, Any] | None = None):
-        self._stream = stream
-        self._replay = bytearray(replay)
-        self.extra: Mapping[str, Any] = {**stream.extra, **(extra or {})}
-
-    @property
-    def peer(self) -> str:
-        return self._stream.peer
-
-    async def read(self, max_bytes: int = DEFAULT_READ_SIZE) -> bytes:
-        if self._replay:
-            chunk = bytes(self._replay[:max_bytes])
-            del self._replay[:max_bytes]
-            return chunk
-        return await self._stream.read(max_bytes)
-
-    def write(self, data: bytes) -> None:
-        self._stream.write(data)
-
-    async def drain(self) -> None:
-        await self._stream.drain()
-
-    def is_closing(self) -> bool:
-        return self._stream.is_closing()
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def abort(self) -> None:
-        self._stream.abort()
-
-    async def wait_closed(self) -> None:
-        await self._stream.wait_closed()
-
-    def write_eof(self) -> None:
-        method = getattr(self._stream, "write_eof", None)
-        if callable(method):
-            method()
-
-
 def _first_line_problem(line: bytes, expected: str) -> tuple[Any, str | None]:
     """``(request id, None)`` when ``line`` is a hello with the right token, else the reason."""
     try:
@@ -211,10 +166,10 @@ async def _refuse(stream: Stream, request_id: Any, reason: str) -> None:
 async def gate(stream: Stream, expected: str, *, timeout: float = 10.0) -> Stream | None:  # noqa: ASYNC109
     """Let ``stream`` through only if its first line is ``hello`` with the token ``expected``.
 
-    Returns a :class:`ReplayStream` (the first line put back, ``extra["authenticated"]``
-    ``True``), or ``None`` after refusing and closing the connection: not a hello, no token,
-    a wrong token, a first line longer than :data:`MAX_HELLO_SIZE`, silence for ``timeout``
-    seconds, or the peer going away.
+    Returns a :class:`~ralph_uv.transports.pump.PrefixedStream` (the first line put back,
+    ``extra["authenticated"]`` ``True``), or ``None`` after refusing and closing the connection:
+    not a hello, no token, a wrong token, a first line longer than :data:`MAX_HELLO_SIZE`,
+    silence for ``timeout`` seconds, or the peer going away.
     """
     buffer = bytearray()
     try:
@@ -244,10 +199,10 @@ async def gate(stream: Stream, expected: str, *, timeout: float = 10.0) -> Strea
         log.warning("refused %s: %s", stream.peer, problem)
         await _refuse(stream, request_id, problem)
         return None
-    return ReplayStream(stream, bytes(buffer), {"authenticated": True})
+    return PrefixedStream(stream, bytes(buffer), {"authenticated": True})
 
 
-class TokenStream(ReplayStream):
+class TokenStream(PrefixedStream):
     """The client side: puts ``token`` into the first ``hello`` written, if it has none.
 
     Bytes are held back only until the first newline; a first line that is not a hello
