@@ -6,7 +6,8 @@ client, TUI): each side can call and notify the other at the same time.
 - Incoming requests start in arrival order, each in its own task, at most
   ``max_concurrent_requests`` at once; past that the endpoint stops reading until one finishes.
   A handler that must stay in order with the next request (keystrokes) does its ordered work
-  before its first ``await``.
+  before its first ``await``. Handlers registered ``inline=True`` run in the reading task
+  itself: no task is created, which is the fast path for quick methods such as ``get_status``.
 - Incoming notifications run one at a time, in arrival order, in one task (so events are
   applied in sequence), fed through a bounded queue.
 - Garbage lines are answered with -32700, oversized lines with -32012 (``MESSAGE_TOO_LARGE``,
@@ -44,7 +45,7 @@ from ralph_uv.protocol.framing import (
 from ralph_uv.protocol.messages import (
     Batch,
     ErrorResponse,
-    InvalidMessage,
+    Incoming,
     Notification,
     Params,
     Request,
@@ -78,6 +79,15 @@ class Endpoint:
 
     Use ``async with Endpoint(...) as ep:`` (or :meth:`start` and :meth:`close`); a server's
     connection handler typically just awaits :meth:`run`.
+
+    - ``dispatcher`` — the methods this side serves (none: every request gets -32601);
+      ``context`` is passed to each handler (the server's per-connection state).
+    - ``max_message_size`` — the line limit for both directions (``Config.max_message_size``).
+    - ``max_concurrent_requests`` — incoming requests running at once before reading pauses.
+    - ``slow_peer_timeout`` — seconds a write may wait for the peer to read before the
+      connection is closed; ``None`` waits for ever (see the module docstring).
+    - ``eof_grace`` — seconds requests already received may still run after the peer's EOF.
+    - ``close_timeout`` — seconds closing waits for unsent bytes to be read before dropping them.
     """
 
     def __init__(
@@ -174,24 +184,34 @@ class Endpoint:
             raise TransportError(f"cannot call '{method}': {self._lost}")
         request_id = next(self._ids)
         line = self._encode_outgoing(Request(method, params, request_id).to_json(), method)
-        future: asyncio.Future[Response | ErrorResponse | None] = (
-            asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Response | ErrorResponse | None] = loop.create_future()
         self._pending[request_id] = future
+        # The deadline is a plain timer that cancels this task, as asyncio.timeout() does, at a
+        # fraction of its cost on this hot path.
+        task = asyncio.current_task()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if task is not None:
+                task.cancel()
+
+        timer = loop.call_later(timeout, expire) if timeout is not None else None
         try:
-            if timeout is None:
-                await self._write(line)
-                reply = await future
-            else:
-                async with asyncio.timeout(timeout):
-                    await self._write(line)
-                    reply = await future
-        except TimeoutError:
-            raise RalphError(
-                f"'{method}' got no reply from {self.peer} within {timeout:g} s",
-                code=ErrorCode.TIMEOUT,
-            ) from None
+            await self._write(line)
+            reply = await future
+        except asyncio.CancelledError:
+            if expired and task is not None and task.uncancel() == 0:
+                raise RalphError(
+                    f"'{method}' got no reply from {self.peer} within {timeout:g} s",
+                    code=ErrorCode.TIMEOUT,
+                ) from None
+            raise
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(request_id, None)
         if reply is None:
             raise TransportError(f"'{method}' got no reply: {self._lost}")
@@ -203,6 +223,12 @@ class Endpoint:
     async def notify(self, method: str, params: Params = None) -> None:
         """Send a notification; returns once it is handed to the stream (after backpressure)."""
         await self._write(self._encode_outgoing(Notification(method, params).to_json(), method))
+
+    async def send_line(self, line: bytes) -> None:
+        """Send one NDJSON line already made by :func:`~ralph_uv.protocol.encode` (a
+        notification encoded once for many subscribers), with the same queue and backpressure
+        as every other message."""
+        await self._write(line)
 
     async def close(self) -> None:
         """Close now: waiting calls fail, tasks are cancelled and awaited, the stream closed."""
@@ -271,6 +297,8 @@ class Endpoint:
         try:
             while True:
                 data = await self._stream.read()
+                if self._close_reason is not None:  # closed by a handler run from this task
+                    return
                 if not data:
                     self._decoder.receive_eof()
                     await self._handle_events()
@@ -288,31 +316,34 @@ class Endpoint:
 
     async def _handle_events(self) -> None:
         for event in self._decoder:
-            if type(event) is Decoded:
-                incoming = parse(event.value)
-                kind = type(incoming)
-                if kind is Response or kind is ErrorResponse:
-                    self._on_reply(incoming)  # type: ignore[arg-type]
-                elif kind is Request or kind is Batch:
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._serve(incoming))  # type: ignore[arg-type]
-                    self._tasks.add(task)
-                    task.add_done_callback(self._request_done)
-                elif kind is Notification:
-                    await self._notifications.put(incoming)  # type: ignore[arg-type]
-                else:
-                    assert isinstance(incoming, InvalidMessage)
-                    if incoming.reply is None:
-                        self._log.warning("ignored %s", incoming.reason)
-                    else:
-                        self._log.info("invalid request: %s", incoming.reason)
-                        await self._send_reply(incoming.reply)
-            elif type(event) is FrameTooLarge:
+            if self._close_reason is not None:
+                return
+            if isinstance(event, Decoded):
+                await self._handle(parse(event.value))
+            elif isinstance(event, FrameTooLarge):
                 self._log.warning("message larger than %d bytes discarded", event.limit)
                 await self._send_reply(too_large_error(event.limit))
             else:
-                self._log.info("unreadable line: %s", event.reason)  # type: ignore[union-attr]
-                await self._send_reply(parse_error(event.reason))  # type: ignore[union-attr]
+                self._log.info("unreadable line: %s", event.reason)
+                await self._send_reply(parse_error(event.reason))
+
+    async def _handle(self, incoming: Incoming | Batch) -> None:
+        if isinstance(incoming, Response | ErrorResponse):
+            self._on_reply(incoming)
+        elif isinstance(incoming, Request) and self._dispatcher.is_inline(incoming.method):
+            await self._serve(incoming)
+        elif isinstance(incoming, Request | Batch):
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(incoming))
+            self._tasks.add(task)
+            task.add_done_callback(self._request_done)
+        elif isinstance(incoming, Notification):
+            await self._notifications.put(incoming)
+        elif incoming.reply is None:
+            self._log.warning("ignored %s", incoming.reason)
+        else:
+            self._log.info("invalid request: %s", incoming.reason)
+            await self._send_reply(incoming.reply)
 
     def _on_reply(self, reply: Response | ErrorResponse) -> None:
         future = self._pending.pop(reply.id, None)
@@ -399,16 +430,18 @@ class Endpoint:
         )
 
     async def _finish(self, tasks: list[asyncio.Task[None]]) -> None:
-        if tasks:
-            await asyncio.wait(tasks)
         try:
-            async with asyncio.timeout(self._close_timeout):
+            if tasks:
+                await asyncio.wait(tasks)
+            try:
+                async with asyncio.timeout(self._close_timeout):
+                    await self._stream.wait_closed()
+            except TimeoutError:
+                self._log.warning(
+                    "unsent data dropped: the peer read nothing for %g s", self._close_timeout
+                )
+                self._stream.abort()
                 await self._stream.wait_closed()
-        except TimeoutError:
-            self._log.warning(
-                "unsent data dropped: the peer read nothing for %g s", self._close_timeout
-            )
-            self._stream.abort()
-            await self._stream.wait_closed()
-        self._log.debug("closed: %s", self._close_reason)
-        self._closed.set()
+            self._log.debug("closed: %s", self._close_reason)
+        finally:
+            self._closed.set()

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.helpers import async_wait_until
 
 from ralph_uv.errors import ErrorCode, RalphError, RemoteError, TransportError
-from ralph_uv.protocol import Decoded, Dispatcher, FrameDecoder
+from ralph_uv.protocol import Decoded, Dispatcher, FrameDecoder, Notification, encode
 from ralph_uv.rpc import Endpoint
 from ralph_uv.transports.base import AsyncioStream, MemoryStream, Stream, memory_pair
-from tests.helpers import async_wait_until
 
 BUFFER = 64 * 1024
 
@@ -87,6 +87,14 @@ async def event(conn: Conn, params: Event) -> None:
     conn.events.append(params.seq)
 
 
+@methods.method("record_inline", inline=True)
+async def record_inline(conn: Conn, params: Event) -> int:
+    for _ in range(params.seq % 4):
+        await asyncio.sleep(0)  # as a task, a later call would overtake this one
+    conn.events.append(params.seq)
+    return len(conn.events)
+
+
 @methods.method("fail")
 async def fail(conn: Conn) -> None:
     raise RalphError("loop 42 not found; run 'ralph-uv list'", code=ErrorCode.LOOP_NOT_FOUND)
@@ -112,7 +120,6 @@ async def clean_loop() -> AsyncIterator[list[dict[str, Any]]]:
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     yield errors
     me = asyncio.current_task()
-    await asyncio.sleep(1); print("LEFT", [t for t in asyncio.all_tasks() if t is not me])
     await async_wait_until(lambda: not [t for t in asyncio.all_tasks() if t is not me], 5)
     gc.collect()
     assert errors == []
@@ -192,6 +199,33 @@ async def test_concurrent_calls_in_both_directions(streams: tuple[Stream, Stream
         assert await asyncio.gather(*waiting) == list(range(20))
 
 
+async def test_concurrent_requests_are_bounded(streams: tuple[Stream, Stream]) -> None:
+    """With max_concurrent_requests=2, a third request waits until a handler finishes; then
+    every call completes."""
+    async with connected(streams, max_concurrent_requests=2) as (client, server):
+        calls = [
+            asyncio.create_task(client.call("wait_then_echo", {"value": i})) for i in range(3)
+        ]
+        await async_wait_until(lambda: server.context.waiting == 2)
+        done, _ = await asyncio.wait(calls, timeout=0.2)
+        assert not done
+        assert server.context.waiting == 2
+        server.context.release.set()
+        assert await asyncio.gather(*calls) == [0, 1, 2]
+        assert server.context.waiting == 3
+
+
+async def test_inline_handlers_run_in_arrival_order(streams: tuple[Stream, Stream]) -> None:
+    """Pipelined calls to an inline handler run one after another in the order sent, even when
+    the handler yields to the event loop."""
+    async with connected(streams) as (client, server):
+        replies = await asyncio.gather(
+            *(client.call("record_inline", {"seq": seq}) for seq in range(50))
+        )
+        assert server.context.events == list(range(50))
+        assert replies == list(range(1, 51))
+
+
 async def test_call_timeout_leaves_the_connection_usable(
     streams: tuple[Stream, Stream],
 ) -> None:
@@ -209,14 +243,16 @@ async def test_call_timeout_leaves_the_connection_usable(
 
 
 async def test_notifications_arrive_in_order(streams: tuple[Stream, Stream]) -> None:
-    """Notifications are handled one at a time in the order sent, in both directions."""
+    """Notifications are handled one at a time in the order sent, in both directions, including
+    lines encoded once and sent with send_line."""
     async with connected(streams) as (client, server):
         for seq in range(300):
             await client.notify("event", {"seq": seq})
         await server.notify("event", {"seq": -1})
+        await server.send_line(encode(Notification("event", {"seq": -2}).to_json()))
         await async_wait_until(lambda: len(server.context.events) == 300)
         assert server.context.events == list(range(300))
-        await async_wait_until(lambda: client.context.events == [-1])
+        await async_wait_until(lambda: client.context.events == [-1, -2])
 
 
 async def test_errors_reach_the_caller(streams: tuple[Stream, Stream]) -> None:
@@ -240,11 +276,12 @@ async def test_peer_that_never_reads_costs_bounded_memory(
 ) -> None:
     """Notifications to a peer that never reads make the sender wait once the stream buffer is
     full; the buffer stays within its limit plus one message, and other connections work."""
-    client_stream, server_stream = streams
+    _, server_stream = streams
     assert isinstance(server_stream, MemoryStream | AsyncioStream)
     payload = {"data": "y" * 8000}
     sent = 0
-    async with Endpoint(server_stream, methods, context=Conn("server")) as server:
+    server = Endpoint(server_stream, methods, context=Conn("server"), close_timeout=0.2)
+    async with server:
 
         async def flood() -> None:
             nonlocal sent
@@ -273,9 +310,13 @@ async def test_slow_peer_policy_closes_the_connection(streams: tuple[Stream, Str
     _, server_stream = streams
     server = Endpoint(server_stream, methods, slow_peer_timeout=0.3, close_timeout=0.1)
     server.start()
-    with pytest.raises(TransportError, match="read nothing for 0.3 s"):
+
+    async def flood() -> None:
         while True:
             await server.notify("output", {"data": "z" * 8000})
+
+    with pytest.raises(TransportError, match=r"read nothing for 0\.3 s"):
+        await flood()
     await server.wait_closed()
     assert server.closed
     assert server.close_reason is not None
@@ -349,11 +390,14 @@ async def test_garbage_gets_error_replies_and_the_connection_stays_usable(
         (3, -32600),
         (None, -32600),
     ]
-    assert replies[4] == [
+    # The batch and the request after it run concurrently: either reply may come first.
+    (batch,) = [r for r in replies[4:] if isinstance(r, list)]
+    (single,) = [r for r in replies[4:] if isinstance(r, dict)]
+    assert batch == [
         {"jsonrpc": "2.0", "id": "a", "result": 1},
         {"jsonrpc": "2.0", "id": "b", "result": 2},
     ]
-    assert replies[5] == {"jsonrpc": "2.0", "id": 4, "result": "ok"}
+    assert single == {"jsonrpc": "2.0", "id": 4, "result": "ok"}
 
 
 async def test_ten_mib_line_gets_an_error_and_the_next_request_works(

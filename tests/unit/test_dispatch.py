@@ -312,7 +312,7 @@ def test_registration_checks_handlers() -> None:
     async def fine(ctx: None) -> None: ...
 
     with pytest.raises(TypeError, match="async"):
-        table.add("sync", sync)
+        table.add("sync", sync)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"\(context\) or \(context, params\)"):
         table.add("three", three)
     with pytest.raises(TypeError, match="not supported"):
@@ -327,6 +327,6 @@ def test_registration_checks_handlers() -> None:
 def test_from_json_builds_typed_results() -> None:
     """from_json turns a reply into a dataclass, or says which field is wrong."""
     assert from_json(Size, {"cols": 1, "rows": 2}) == Size(1, 2)
-    assert from_json(list[Size], [{"cols": 1, "rows": 2}]) == [Size(1, 2)]  # type: ignore[arg-type]
+    assert from_json(list[Size], [{"cols": 1, "rows": 2}]) == [Size(1, 2)]
     with pytest.raises(InvalidParams, match="'rows' must be an integer"):
         from_json(Size, {"cols": 1, "rows": None})

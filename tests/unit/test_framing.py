@@ -52,6 +52,7 @@ def _feed(decoder: FrameDecoder, chunks: list[bytes], *, eof: bool = False) -> l
     return events
 
 
+@settings(deadline=None)  # a loaded machine must not fail a correct example
 @given(st.lists(json_values, max_size=8), st.lists(st.integers(min_value=0), max_size=20))
 def test_any_chunking_yields_the_same_messages(values: list[Any], cuts: list[int]) -> None:
     """However the stream of encoded messages is cut into chunks, the decoded values are the
@@ -66,6 +67,7 @@ _fragments = st.binary(max_size=64) | st.sampled_from(
 )
 
 
+@settings(deadline=None)  # a loaded machine must not fail a correct example
 @given(st.lists(_fragments, max_size=30), st.integers(min_value=1, max_value=40))
 def test_random_bytes_never_raise(chunks: list[bytes], limit: int) -> None:
     """Arbitrary bytes, in arbitrary chunks, with any limit, never make the decoder raise and
@@ -75,6 +77,7 @@ def test_random_bytes_never_raise(chunks: list[bytes], limit: int) -> None:
     assert all(isinstance(e, Decoded | InvalidFrame | FrameTooLarge) for e in events)
 
 
+@settings(deadline=None)  # a loaded machine must not fail a correct example
 @given(json_values)
 def test_encode_decode_round_trip(value: Any) -> None:
     """encode gives exactly one newline-terminated line that decodes back to the same value."""
@@ -87,7 +90,7 @@ def test_encode_decode_round_trip(value: Any) -> None:
     assert list(decoder) == [Decoded(value)]
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(
     st.integers(min_value=1, max_value=300),
     st.lists(json_values, min_size=1, max_size=4),

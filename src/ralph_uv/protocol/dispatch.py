@@ -307,6 +307,7 @@ def from_json(tp: type[T], value: Any) -> T:
 class _Method:
     handler: Callable[..., Awaitable[Any]]
     args: Callable[[Params], tuple[Any, ...]]
+    inline: bool
 
 
 def _no_params(method: str) -> Callable[[Params], tuple[Any, ...]]:
@@ -351,30 +352,47 @@ class Dispatcher(Generic[C]):
     def __init__(self) -> None:
         self._methods: dict[str, _Method] = {}
 
-    def method(self, name: str, *, allow_extra: bool = False) -> Callable[[F], F]:
+    def method(
+        self, name: str, *, allow_extra: bool = False, inline: bool = False
+    ) -> Callable[[F], F]:
         """Decorator registering an ``async def handler(context[, params])`` under ``name``.
 
-        Unknown parameters are refused unless ``allow_extra`` is true.
+        Unknown parameters are refused unless ``allow_extra`` is true. ``inline`` marks a
+        handler that answers at once and never waits on the peer (``get_status``,
+        ``write_pty``, ``resize``): the endpoint runs it in the connection's reading task,
+        without a task of its own, which is faster and keeps it in order with the messages
+        after it. An inline handler must not call the same peer: nothing more is read from the
+        connection until it returns.
         """
 
         def register(handler: F) -> F:
-            self.add(name, handler, allow_extra=allow_extra)
+            self.add(name, handler, allow_extra=allow_extra, inline=inline)
             return handler
 
         return register
 
     def add(
-        self, name: str, handler: Callable[..., Awaitable[Any]], *, allow_extra: bool = False
+        self,
+        name: str,
+        handler: Callable[..., Awaitable[Any]],
+        *,
+        allow_extra: bool = False,
+        inline: bool = False,
     ) -> None:
         """Register ``handler`` for ``name``; its params type is read from its annotations."""
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for '{name}' must be an async function")
         if name in self._methods:
             raise ValueError(f"method '{name}' is already registered")
-        self._methods[name] = _Method(handler, _params_args(name, handler, allow_extra))
+        self._methods[name] = _Method(handler, _params_args(name, handler, allow_extra), inline)
 
     def __contains__(self, name: object) -> bool:
         return name in self._methods
+
+    def is_inline(self, name: str) -> bool:
+        """Whether ``name`` is registered with ``inline=True``."""
+        method = self._methods.get(name)
+        return method is not None and method.inline
 
     @property
     def names(self) -> frozenset[str]:

@@ -86,7 +86,8 @@ def _describe(writer: asyncio.StreamWriter) -> tuple[str, dict[str, Any]]:
         return f"unix:{path if isinstance(path, str) else path.decode(errors='replace')}", extra
     peername = writer.get_extra_info("peername")
     if isinstance(peername, tuple) and len(peername) >= 2:
-        return f"tcp:{peername[0]}:{peername[1]}", extra
+        host = f"[{peername[0]}]" if ":" in str(peername[0]) else peername[0]
+        return f"tcp:{host}:{peername[1]}", extra
     return repr(peername) if peername else "unknown", extra
 
 
