@@ -104,6 +104,11 @@ async def test_hello_split_across_chunks_passes() -> None:
         (b"\xff\xfe garbage\n", "not JSON", None),
         (b"[1, 2]\n", "not a JSON-RPC", None),
     ],
+    # Fixed ids: the token is random, and parallel workers must collect the same names.
+    ids=[
+        "wrong-token", "no-token", "token-not-a-string", "not-hello", "hello-notification",
+        "no-jsonrpc-member", "not-json", "json-array",
+    ],
 )
 async def test_refusals(first: bytes, reason: str, reply_id: object) -> None:
     """Anything but a hello request with the right token gets one -32010 error line (with the
