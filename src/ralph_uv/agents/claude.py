@@ -57,7 +57,7 @@ from ralph_uv.agents.detect import KNOWN_AGENTS, find_binary
 from ralph_uv.agents.failures import classify, parse_retry_after
 from ralph_uv.agents.transcript import TranscriptRenderer, read_session_transcript
 from ralph_uv.errors import AgentNotFoundError, UserError
-from ralph_uv.runner.pty import PtyProcess
+from ralph_uv.runner.terminal import AgentTerminal, TerminalSpawner, spawn_pty
 
 __all__ = [
     "PROMPT_ARG_LIMIT",
@@ -365,14 +365,15 @@ class _InteractiveSession(AgentSession):
         self._dirty = False
         self._tail = bytearray()
         self._answered: dict[str, float] = {}
-        self._pty: PtyProcess | None = None
+        self._pty: AgentTerminal | None = None
         self._outcome: _Outcome | None = None  # set when the turn has ended, either way
         self._stopped = False
         self._result: AgentResult | None = None
         self._watcher: asyncio.Task[None] | None = None
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        self._pty = await PtyProcess.spawn(
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str],
+                    spawn_terminal: TerminalSpawner = spawn_pty) -> None:
+        self._pty = await spawn_terminal(
             argv, cwd=self._request.cwd, env=env, on_output=self._output,
             cols=self._request.cols, rows=self._request.rows,
         )
@@ -557,6 +558,8 @@ class ClaudeInteractiveBackend(AgentBackend):
         self._extra_args = list(extra_args)
         self._exit_grace = exit_grace
         self._answer_dialogs = answer_dialogs
+        # The runner swaps this to run Claude Code elsewhere (a tmux pane) instead of a PTY.
+        self.spawn_terminal: TerminalSpawner = spawn_pty
 
     def _prompt_argument(self, request: IterationRequest) -> str:
         if len(request.prompt.encode()) < PROMPT_ARG_LIMIT:
@@ -588,5 +591,5 @@ class ClaudeInteractiveBackend(AgentBackend):
         log.info("starting %s in %s", shlex.join(argv[:-1]), request.cwd)
         session = _InteractiveSession(request, on_output, stop_file, self._exit_grace,
                                       self._answer_dialogs)
-        await session.spawn(argv, env)
+        await session.spawn(argv, env, self.spawn_terminal)
         return session

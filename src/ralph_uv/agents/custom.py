@@ -33,7 +33,7 @@ from ralph_uv.agents.detect import KNOWN_AGENTS, find_binary
 from ralph_uv.agents.failures import TAIL_CHARS, classify, strip_ansi
 from ralph_uv.config import CustomAgent
 from ralph_uv.errors import AgentNotFoundError, UserError
-from ralph_uv.runner.pty import PtyProcess
+from ralph_uv.runner.terminal import AgentTerminal, TerminalSpawner, spawn_pty
 
 __all__ = ["PROMPT_FILE_NAME", "CustomBackend", "CustomSession"]
 
@@ -48,7 +48,7 @@ _PLACEHOLDER = re.compile(r"\{prompt(_file)?\}")
 class CustomSession(AgentSession):
     """One iteration of a custom command in a PTY."""
 
-    def __init__(self, process: PtyProcess, tail: bytearray, name: str) -> None:
+    def __init__(self, process: AgentTerminal, tail: bytearray, name: str) -> None:
         self._process = process
         self._tail = tail
         self._name = name
@@ -109,6 +109,8 @@ class CustomBackend(AgentBackend):
             )
         self.agent = agent
         self.name = agent.name
+        # The runner swaps this to run the agent elsewhere (a tmux pane) instead of a PTY.
+        self.spawn_terminal: TerminalSpawner = spawn_pty
 
     def _program(self, cwd: Path) -> str:
         program = self.agent.command[0]
@@ -152,7 +154,7 @@ class CustomBackend(AgentBackend):
             on_output(data)
 
         log.info("starting %s in %s (iteration %d)", self.name, request.cwd, request.iteration)
-        process = await PtyProcess.spawn(
+        process = await self.spawn_terminal(
             argv, cwd=request.cwd, env=env, on_output=collect, cols=request.cols, rows=request.rows
         )
         return CustomSession(process, tail, self.name)

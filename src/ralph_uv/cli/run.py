@@ -146,6 +146,9 @@ async def _run(spec: LoopSpec, config: Config, show: Callable[[bytes], None]) ->
                    "every N iterations.")
 @click.option("--install-agents", is_flag=True,
               help="With --on: install the agent CLI on the remote (npm) if it is missing.")
+@click.option("--backend", type=click.Choice(["pty", "tmux"]), default=None,
+              help="Where a terminal agent runs: a PTY of the loop [pty], or a tmux session "
+                   "ralph-TASK that `ralph-uv attach --tmux` (or tmux itself) reaches.")
 def run(
     task: str | None,
     foreground: bool,
@@ -163,6 +166,7 @@ def run(
     sync: str,
     push_every: int | None,
     install_agents: bool,
+    backend: str | None,
 ) -> None:
     """Run a Ralph loop on TASK until every story in its prd.json passes.
 
@@ -185,6 +189,9 @@ def run(
         raise click.UsageError("--sync, --push-every and --install-agents go with --on REMOTE")
     if on is not None and foreground:
         raise click.UsageError("--foreground runs the loop here; leave it out with --on")
+    if backend == "tmux" and foreground:
+        raise click.UsageError("--backend tmux runs the loop under ralphd; leave out "
+                               "--foreground")
     config = load_config().with_overrides(
         max_iterations=max_iterations,
         yolo=yolo,
@@ -210,6 +217,7 @@ def run(
             iteration_timeout=config.iteration_timeout,
             max_runtime=config.max_runtime,
             failover=config.failover or None,
+            backend=backend,
         )
         sys.exit(_run_through_ralphd(ref, options, detach=detach, plan=plan,
                                      install_agents=install_agents))

@@ -19,6 +19,7 @@ from ralph_uv.config import Config, Paths, paths
 from ralph_uv.journal import LoopJournal
 from ralph_uv.registry import Registry, SessionRecord
 from ralph_uv.runner.engine import BackendFactory, LoopEngine, LoopOutcome, LoopSpec
+from ralph_uv.runner.tmux import TmuxSession, TmuxTarget, session_name, tmux_backends, tmux_socket
 from ralph_uv.status import LoopStatus
 
 __all__ = ["LoopHost", "new_loop_id"]
@@ -32,8 +33,8 @@ def new_loop_id(task_name: str) -> str:
     return f"{stem or 'loop'}-{secrets.token_hex(3)}"
 
 
-def _backend_kind(agent: str) -> str:
-    return "http" if agent == "opencode" else "pty"
+def _backend_kind(agent: str, terminal: str = "pty") -> str:
+    return "http" if agent == "opencode" else terminal
 
 
 class LoopHost:
@@ -54,6 +55,16 @@ class LoopHost:
         self.loop_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = LoopJournal(self.loop_dir, retention=config.journal_retention)
         self.registry = registry if registry is not None else Registry.open(self.dirs.registry)
+        # With backend "tmux", terminal-based agents run in a tmux session a person can attach.
+        self.tmux: TmuxSession | None = None
+        if spec.backend == "tmux":
+            from ralph_uv.agents import get_backend
+
+            self.tmux = TmuxSession(
+                TmuxTarget(tmux_socket(), session_name(spec.task_name or spec.task_dir.name)),
+                self.loop_dir, fallback=session_name(spec.loop_id),
+            )
+            backend_factory = tmux_backends(backend_factory or get_backend, self.tmux)
         kwargs = {} if backend_factory is None else {"backend_factory": backend_factory}
         self.engine = LoopEngine(
             spec,
@@ -71,7 +82,7 @@ class LoopHost:
                 task_dir=str(self.engine.task_dir),
                 status=LoopStatus.STARTING,
                 agent=spec.agent,
-                backend=_backend_kind(spec.agent),
+                backend=_backend_kind(spec.agent, spec.backend),
                 pid=os.getpid(),
                 iteration=0,
                 max_iterations=config.max_iterations,
@@ -99,8 +110,12 @@ class LoopHost:
             raise
         finally:
             self.journal.sync()
+            if self.tmux is not None:
+                await self.tmux.aclose()
 
     def close(self) -> None:
+        if self.tmux is not None:
+            self.tmux.close()
         self.journal.close()
 
     def _sync_row(self, engine: LoopEngine) -> None:
@@ -124,7 +139,7 @@ class LoopHost:
             "stories_done": engine.stories_done,
             "stories_total": engine.stories_total,
             "agent": engine.agent,
-            "backend": _backend_kind(engine.agent),
+            "backend": _backend_kind(engine.agent, engine.spec.backend),
             "reason": engine.reason,
             "branch": engine.branch,
         }
