@@ -8,19 +8,17 @@ above works the same on every transport.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from ralph_uv import transports
 from ralph_uv.client.daemon import DaemonClient, connect_daemon
+from ralph_uv.client.remotes import remote_opener
 from ralph_uv.config import paths
 from ralph_uv.errors import RalphError, TransportError, UserError
 from ralph_uv.registry import LOCAL, Registry, RemoteRecord
 from ralph_uv.transports.base import Stream
-from ralph_uv.transports.options import ConnectOptions
 from ralph_uv.transports.unix import open_unix
 
 __all__ = [
@@ -78,36 +76,15 @@ def unix_location(name: str, socket_path: Path, client: str) -> Location:
     return Location(name, connect, url=f"unix://{socket_path}")
 
 
-def _options(remote: RemoteRecord) -> ConnectOptions:
-    """How to reach ``remote``: its SSH identity, and its token where the registry says
-    (``file:PATH`` or ``env:NAME``; the token itself is never stored there)."""
-    token: str | None = None
-    token_file: Path | None = None
-    ref = remote.token_ref or ""
-    if ref.startswith("file:"):
-        token_file = Path(ref[len("file:") :]).expanduser()
-    elif ref.startswith("env:"):
-        token = os.environ.get(ref[len("env:") :])
-    return ConnectOptions(
-        token=token,
-        token_file=token_file,
-        identity_file=Path(remote.identity_file).expanduser() if remote.identity_file else None,
-    )
-
-
 def remote_location(remote: RemoteRecord, client: str) -> Location:
     """A remote from the registry, reached with :func:`ralph_uv.transports.connect`. On a
     ``unix://`` URL its task folders are on this machine too (readable here)."""
     if remote.url.startswith("unix://"):
         return unix_location(remote.name, Path(remote.url[len("unix://") :]), client)
-    options = _options(remote)
-
-    async def opener() -> Stream:
-        return await transports.connect(remote.url, options=options)
-
     async def connect(first: bool) -> DaemonClient:
         try:
-            return await DaemonClient.open(opener, client=client)
+            # The same opener the CLI uses: identity file, token, TLS and tunnel settings.
+            return await DaemonClient.open(remote_opener(remote), client=client)
         except UserError as exc:  # a bad URL or options: say so as this location's problem
             raise TransportError(f"remote {remote.name}: {exc.message}") from exc
 
