@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -40,7 +39,13 @@ from ralph_uv.client.keys import (
     Unbound,
     key_name,
 )
-from ralph_uv.client.loops import MAX_OUTPUT_READ, LoopConnection, LoopEvent, LoopState
+from ralph_uv.client.loops import (
+    MAX_OUTPUT_READ,
+    LoopConnection,
+    LoopEvent,
+    LoopState,
+    apply_event,
+)
 from ralph_uv.client.terminal import (
     ScreenFilter,
     Terminal,
@@ -324,28 +329,14 @@ class AttachSession:
         self._apply(event)
 
     def _apply(self, event: LoopEvent) -> None:
-        state = self.state
-        if state is None:
+        if self.state is None:
             return
+        state = self.state = apply_event(self.state, event)
         data = event.data
         kind = event.type
-        if kind == "state_change":
-            with contextlib.suppress(ValueError):
-                state = dataclasses.replace(
-                    state, status=LoopStatus(str(data.get("to"))), reason=data.get("reason")
-                )
-        elif kind == "iteration_started":
-            state = dataclasses.replace(
-                state,
-                iteration=int(data.get("iteration") or state.iteration),
-                story=data.get("story") or state.story,
-                agent=str(data.get("agent") or state.agent),
-            )
-        elif kind == "story_passed":
-            state = dataclasses.replace(state, stories_done=state.stories_done + 1)
+        if kind == "story_passed":
             self._say(f"{data.get('story', 'a story')} passes")
         elif kind == "agent_failover":
-            state = dataclasses.replace(state, agent=str(data.get("to") or state.agent))
             self._say(f"switched agent: {data.get('from')} -> {data.get('to')}")
         elif kind == "rate_limit_wait":
             self._say(f"rate limited; waiting {float(data.get('seconds') or 0):.0f}s")
@@ -360,14 +351,8 @@ class AttachSession:
                 # ask the loop who holds it now before giving up.
                 self._spawn(self._check_holder())
         elif kind == "loop_finished":
-            with contextlib.suppress(ValueError):
-                state = dataclasses.replace(
-                    state, status=LoopStatus(str(data.get("status"))), reason=data.get("reason")
-                )
-            self.state = state
             self._end(detached=False, status=state.status, reason=state.reason)
             return
-        self.state = state
         self._draw_status()
 
     # ---------------------------------------------------------------------------- status bar

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import getpass
 import logging
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "Loops",
     "OutputChunk",
     "RunOptions",
+    "apply_event",
     "clean_loops",
     "client_name",
 ]
@@ -173,6 +175,41 @@ class LoopEvent:
             except (binascii.Error, ValueError) as exc:
                 raise RalphError("an output event whose data is not base64") from exc
         return cls(kind, seq, float(stamp) if isinstance(stamp, int | float) else 0.0, data, output)
+
+
+def apply_event(state: LoopState, event: LoopEvent) -> LoopState:
+    """``state`` after a loop event: how every client (attach, the dashboard) keeps its copy of
+    the loop's status current between ``get_status`` calls. Events that change no field leave
+    ``state`` as it is."""
+    data = event.data
+    kind = event.type
+    try:
+        if kind == "state_change":
+            return dataclasses.replace(
+                state, status=LoopStatus(str(data.get("to"))), reason=data.get("reason")
+            )
+        if kind == "iteration_started":
+            return dataclasses.replace(
+                state,
+                iteration=int(data.get("iteration") or state.iteration),
+                story=data.get("story") or state.story,
+                agent=str(data.get("agent") or state.agent),
+            )
+        if kind == "story_passed":
+            cap = state.stories_total or state.stories_done + 1
+            return dataclasses.replace(state, stories_done=min(state.stories_done + 1, cap))
+        if kind == "agent_failover":
+            return dataclasses.replace(state, agent=str(data.get("to") or state.agent))
+        if kind == "loop_finished":
+            return dataclasses.replace(
+                state,
+                status=LoopStatus(str(data.get("status"))),
+                reason=data.get("reason"),
+                stories_done=int(data.get("stories_done") or state.stories_done),
+            )
+    except ValueError:  # an unknown status from a newer runner: keep what we know
+        return state
+    return state
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -36,10 +35,10 @@ from ralph_uv.client.loops import (
     LoopEvent,
     LoopState,
     OutputChunk,
+    apply_event,
 )
 from ralph_uv.client.terminal import replay_start
 from ralph_uv.errors import ErrorCode, RalphError, RemoteError
-from ralph_uv.status import LoopStatus
 from ralph_uv.transports.base import Stream
 
 __all__ = [
@@ -423,43 +422,14 @@ class LoopFeed:
                 log.exception("an output sink of loop %s failed", self.loop_id)
 
     def _apply(self, event: LoopEvent) -> None:
-        state = self.state
-        if state is None:
+        if self.state is None:
             return
-        data = event.data
-        kind = event.type
-        if kind == "state_change":
-            with contextlib.suppress(ValueError):
-                state = dataclasses.replace(
-                    state, status=LoopStatus(str(data.get("to"))), reason=data.get("reason")
-                )
-        elif kind == "iteration_started":
-            state = dataclasses.replace(
-                state,
-                iteration=int(data.get("iteration") or state.iteration),
-                story=data.get("story") or state.story,
-                agent=str(data.get("agent") or state.agent),
-            )
-        elif kind == "story_passed":
-            state = dataclasses.replace(
-                state, stories_done=min(state.stories_done + 1, state.stories_total or 10**9)
-            )
-        elif kind == "agent_failover":
-            state = dataclasses.replace(state, agent=str(data.get("to") or state.agent))
-        elif kind == "interactive_mode":
-            self.holder = data.get("holder")
+        self.state = apply_event(self.state, event)
+        if event.type == "interactive_mode":
+            self.holder = event.data.get("holder")
             if self.interactive and self.holder != self.me:
                 self.interactive = self._want_interactive = False
                 self._notice(f"{self.holder or 'someone'} took interactive mode")
-        elif kind == "loop_finished":
-            with contextlib.suppress(ValueError):
-                state = dataclasses.replace(
-                    state,
-                    status=LoopStatus(str(data.get("status"))),
-                    reason=data.get("reason"),
-                    stories_done=int(data.get("stories_done") or state.stories_done),
-                )
-        self.state = state
 
     # ------------------------------------------------------------------------- listeners
 
