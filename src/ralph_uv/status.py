@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["TERMINAL", "LoopStatus", "check_transition"]
+__all__ = ["STATUS_STYLE", "TERMINAL", "LoopStatus", "check_transition"]
 
 
 class LoopStatus(StrEnum):
@@ -62,3 +62,18 @@ def check_transition(old: LoopStatus, new: LoopStatus) -> None:
         return
     if new not in _ALLOWED.get(old, frozenset()):
         raise ValueError(f"loop status cannot go from {old.value} to {new.value}")
+
+
+# How each status is shown in the CLI's tables and the dashboard (rich/Textual style names).
+STATUS_STYLE: dict[LoopStatus, str] = {
+    LoopStatus.STARTING: "cyan",
+    LoopStatus.RUNNING: "green",
+    LoopStatus.PAUSED: "yellow",
+    LoopStatus.STALLED: "bold yellow",
+    LoopStatus.COMPLETED: "bold green",
+    LoopStatus.EXHAUSTED: "magenta",
+    LoopStatus.STOPPED: "dim",
+    LoopStatus.CHECKPOINTED: "blue",
+    LoopStatus.FAILED: "red",
+    LoopStatus.CRASHED: "bold red",
+}

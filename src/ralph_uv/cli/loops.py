@@ -31,7 +31,7 @@ from ralph_uv.config import load_config, paths
 from ralph_uv.errors import RalphError, UserError
 from ralph_uv.journal import TextDecoder
 from ralph_uv.registry import Registry, SessionRecord
-from ralph_uv.status import LoopStatus
+from ralph_uv.status import STATUS_STYLE, LoopStatus
 from ralph_uv.tasks import git_root, list_tasks, resolve_task
 from ralph_uv.transports.base import Stream
 
@@ -59,18 +59,6 @@ EXIT_STATUS = {
     LoopStatus.STALLED: 4,
 }
 
-_STATUS_STYLE = {
-    LoopStatus.STARTING: "cyan",
-    LoopStatus.RUNNING: "green",
-    LoopStatus.PAUSED: "yellow",
-    LoopStatus.STALLED: "bold yellow",
-    LoopStatus.COMPLETED: "bold green",
-    LoopStatus.EXHAUSTED: "magenta",
-    LoopStatus.STOPPED: "dim",
-    LoopStatus.CHECKPOINTED: "blue",
-    LoopStatus.FAILED: "red",
-    LoopStatus.CRASHED: "bold red",
-}
 
 _CONTROL = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
@@ -223,7 +211,7 @@ def _table(records: list[SessionRecord], stale: frozenset[str] = frozenset()) ->
             r.task_name,
             r.loop_id,
             where,
-            f"[{_STATUS_STYLE.get(status, '')}]{status.value}[/]",
+            f"[{STATUS_STYLE.get(status, '')}]{status.value}[/]",
             f"{r.iteration}/{r.max_iterations}",
             r.current_story or "-",
             r.agent,

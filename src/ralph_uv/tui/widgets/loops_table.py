@@ -27,30 +27,17 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from ralph_uv.status import LoopStatus
+from ralph_uv.status import STATUS_STYLE, LoopStatus
 from ralph_uv.tui.source import LoopKey, LoopRow
 
 __all__ = [
     "COLUMNS",
     "STATUS_FILTERS",
-    "STATUS_STYLE",
     "LoopsTable",
     "duration",
     "status_text",
 ]
 
-STATUS_STYLE: dict[LoopStatus, str] = {
-    LoopStatus.STARTING: "cyan",
-    LoopStatus.RUNNING: "green",
-    LoopStatus.PAUSED: "yellow",
-    LoopStatus.STALLED: "bold yellow",
-    LoopStatus.COMPLETED: "bold green",
-    LoopStatus.EXHAUSTED: "magenta",
-    LoopStatus.STOPPED: "dim",
-    LoopStatus.CHECKPOINTED: "blue",
-    LoopStatus.FAILED: "red",
-    LoopStatus.CRASHED: "bold red",
-}
 
 # (key, label); the key is also the sort key's name.
 COLUMNS: tuple[tuple[str, str], ...] = (
