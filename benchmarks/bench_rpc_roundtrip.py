@@ -27,8 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
+
+from _common import cpu_model
 
 from ralph_uv.protocol import Dispatcher
 from ralph_uv.rpc import Endpoint
@@ -43,16 +44,6 @@ methods: Dispatcher[None] = Dispatcher()
 @methods.method("get_status", inline=True)
 async def get_status(context: None) -> dict[str, Any]:
     return _STATUS
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 served: list[Endpoint] = []
@@ -179,7 +170,7 @@ def main() -> None:
         "rpc_same_process": _summary(same),
         "socket_floor": _summary(floor),
         "nproc": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         # Other work on the machine skews every figure: the 1-minute load before and after.
         "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, git
+
 TARGET_P99_MS = 100.0
 _FLOOD = (
     "import sys, time\n"
@@ -64,20 +66,6 @@ _FLOOD = (
 _IDLE = "import time\nprint('waiting', flush=True)\ntime.sleep(36000)\n"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
-
-
 def _task(root: Path, number: int) -> Path:
     repo = root / f"repo{number:02d}"
     task = repo / "tasks" / f"t{number:02d}"
@@ -87,9 +75,9 @@ def _task(root: Path, number: int) -> Path:
     prd = {"schemaVersion": "2.5", "project": "bench", "branchName": f"ralph/t{number:02d}",
            "description": "bench", "userStories": [story]}
     (task / "prd.json").write_text(json.dumps(prd, indent=2) + "\n")
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "-c", "user.email=b@example.com", "-c", "user.name=Bench", "add", "-A")
-    _git(repo, "-c", "user.email=b@example.com", "-c", "user.name=Bench", "commit", "-qm", "i")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "-c", "user.email=b@example.com", "-c", "user.name=Bench", "add", "-A")
+    git(repo, "-c", "user.email=b@example.com", "-c", "user.name=Bench", "commit", "-qm", "i")
     return task
 
 
@@ -284,7 +272,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     result = {
         "date": datetime.date.today().isoformat(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "loops": args.loops,
