@@ -276,3 +276,17 @@ async def test_completion_with_merge_target_pushes_and_opens_a_pull_request(
     assert asked[0].startswith("pr create --head ralph/demo --base main")
     assert asked[1] == "pr merge https://github.com/o/r/pull/7 --merge"
     host.close()
+
+
+async def test_the_registry_row_says_when_the_agent_last_printed(repo: Path) -> None:
+    """The loop's registry row carries the time of the agent's latest output (for `status` and
+    the dashboard), within the loop's run time."""
+    host = _host(repo, "work", _config())
+    outcome = await host.run()
+    assert outcome.status == LoopStatus.COMPLETED
+    row = Registry.open().get(host.engine.spec.loop_id)
+    assert row is not None
+    assert row.last_output_at is not None
+    assert row.started_at is not None
+    assert row.started_at <= row.last_output_at <= (row.finished_at or row.last_output_at)
+    host.close()

@@ -26,6 +26,8 @@ __all__ = ["LoopHost", "new_loop_id"]
 
 log = logging.getLogger("ralph_uv.runner.host")
 
+OUTPUT_NOTE_INTERVAL = 2.0  # seconds between registry writes of last_output_at
+
 
 def new_loop_id(task_name: str) -> str:
     """A short, unique, path-safe id: the task's last name part and 6 random hex digits."""
@@ -51,6 +53,8 @@ class LoopHost:
         on_output: Callable[[bytes], None] | None = None,
     ) -> None:
         self.dirs = dirs or paths()
+        self._show_output = on_output
+        self._output_noted_at = 0.0
         self.loop_dir = self.dirs.loop_dir(spec.loop_id)
         self.loop_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = LoopJournal(self.loop_dir, retention=config.journal_retention)
@@ -71,7 +75,7 @@ class LoopHost:
             config,
             self.journal,
             on_status=self._sync_row,
-            on_output=on_output,
+            on_output=self._on_output,
             **kwargs,
         )
         self._last_row: tuple[object, ...] = ()
@@ -117,6 +121,16 @@ class LoopHost:
         if self.tmux is not None:
             self.tmux.close()
         self.journal.close()
+
+    def _on_output(self, data: bytes) -> None:
+        # The row says when the agent last printed (for `status` and the dashboard), written at
+        # most every OUTPUT_NOTE_INTERVAL seconds so a flood of output costs no database work.
+        now = time.time()
+        if now - self._output_noted_at >= OUTPUT_NOTE_INTERVAL:
+            self._output_noted_at = now
+            self.registry.update(self.engine.spec.loop_id, last_output_at=now)
+        if self._show_output is not None:
+            self._show_output(data)
 
     def _sync_row(self, engine: LoopEngine) -> None:
         row = (
