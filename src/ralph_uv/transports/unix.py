@@ -38,6 +38,10 @@ __all__ = [
 
 log = logging.getLogger("ralph_uv.transports.unix")
 
+# Many clients may connect at once (a dashboard, attach clients, scripts): a deep accept queue
+# keeps a burst of connections from being refused while the loop is busy.
+_BACKLOG = 1024
+
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _PROBE_TIMEOUT = 1.0
@@ -285,7 +289,7 @@ async def start_unix_server(
             clients.discard(stream)
 
     try:
-        server = await asyncio.start_unix_server(accept, path=str(path))
+        server = await asyncio.start_unix_server(accept, path=str(path), backlog=_BACKLOG)
         os.chmod(path, 0o600)
     except OSError as exc:
         raise TransportError(f"cannot listen on {path}: {exc}") from exc
