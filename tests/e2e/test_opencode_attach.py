@@ -179,8 +179,11 @@ async def test_ralph_uv_attach_runs_opencode_attach_through_the_relay(
             return terminal("capture-pane", "-p", "-t", "=person:")
 
         # The loop's prompt, as the TUI shows the session it loaded over the relay.
-        await async_wait_until(lambda: "<promise>COMPLETE</promise>" in screen(), timeout=90,
-                               interval=0.5)
+        try:
+            await async_wait_until(lambda: "<promise>COMPLETE</promise>" in screen(), timeout=90,
+                                   interval=0.5)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the terminal shows:\n{screen()}") from None
         assert "opencode attach to loop" not in screen()  # the notice went before the TUI
         password = _password(record.loop_id)
         assert not [c for c in _command_lines() if password in c]

@@ -234,3 +234,38 @@ async def test_relay_to_a_remote_loop_over_ssh(sshd: SSHServer, agent_server: Ag
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await async_wait_until(lambda: not any(process_alive(p) for p in pids), timeout=10)
+
+
+async def test_wait_for_session_waits_for_the_first_iteration() -> None:
+    """A loop whose opencode server is up before its first session: wait_for_session keeps
+    asking GET /session (telling the caller once that it waits) and returns the session as
+    soon as the server lists one; with none in time it returns None."""
+    from ralph_uv.client.http_proxy import wait_for_session
+    from ralph_uv.client.daemon import HttpAuth
+
+    asked = 0
+
+    async def sessions(request: web.Request) -> web.Response:
+        nonlocal asked
+        asked += 1
+        if request.headers.get("Authorization") != basic_auth(PASSWORD):
+            return web.Response(status=401)
+        listed = [] if asked < 4 else [{"id": "ses_first", "time": {"created": 1}}]
+        return web.json_response(listed)
+
+    app = web.Application()
+    app.router.add_get("/session", sessions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    auth = HttpAuth(loop_id="l1", username="opencode", password=PASSWORD)
+    waits: list[str] = []
+    try:
+        found = await wait_for_session(url, auth, timeout=10, interval=0.05,
+                                       on_wait=lambda: waits.append("waiting"))
+        assert (found, asked, waits) == ("ses_first", 4, ["waiting"])
+        wrong = HttpAuth(loop_id="l1", username="opencode", password="not-it")
+        assert await wait_for_session(url, wrong, timeout=0.3, interval=0.05) is None
+    finally:
+        await runner.cleanup()

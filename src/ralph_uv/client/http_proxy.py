@@ -37,6 +37,7 @@ __all__ = [
     "latest_session",
     "opencode_attach_argv",
     "opencode_attach_env",
+    "wait_for_session",
 ]
 
 log = logging.getLogger("ralph_uv.client.http_proxy")
@@ -44,6 +45,9 @@ log = logging.getLogger("ralph_uv.client.http_proxy")
 _READ_SIZE = 64 * 1024
 _HALF_CLOSE_GRACE = 10.0  # after the local side stops sending, how long answers may still come
 _INSTALL_HINT = "npm install -g opencode-ai"
+# How long `attach` waits for a just-started loop's first opencode session before opening the
+# TUI on its home screen instead.
+SESSION_WAIT = 30.0
 
 Connect = Callable[[], Awaitable[Stream]]
 
@@ -204,6 +208,30 @@ async def latest_session(url: str, auth: HttpAuth) -> str | None:
     return str(max(found, key=updated)["id"]) if found else None
 
 
+async def wait_for_session(
+    url: str,
+    auth: HttpAuth,
+    *,
+    timeout: float = SESSION_WAIT,  # noqa: ASYNC109 - a polling deadline, not a cancellation
+    interval: float = 0.25,
+    on_wait: Callable[[], None] | None = None,
+) -> str | None:
+    """The loop's current session (see :func:`latest_session`), waiting up to ``timeout``
+    seconds for the runner to create one: a loop that has just started has its opencode
+    server up before its first iteration's session. ``on_wait`` is called once, when the
+    first look finds none. ``None`` if none appeared in time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    told = False
+    while True:
+        found = await latest_session(url, auth)
+        if found is not None or asyncio.get_running_loop().time() >= deadline:
+            return found
+        if not told and on_wait is not None:
+            on_wait()
+        told = True
+        await asyncio.sleep(interval)
+
+
 async def _run_in_terminal(argv: list[str], env: Mapping[str, str]) -> int:
     """Run ``argv`` on this terminal until it exits; its exit status. Ctrl-C belongs to it."""
     try:
@@ -255,7 +283,11 @@ async def attach_opencode(
         binary = found
     auth = await daemon.get_http_auth(loop)
     async with HttpRelay(lambda: daemon.connect_http(auth.loop_id)) as relay:
-        session = session or await latest_session(relay.url, auth)
+        if session is None:
+            session = await wait_for_session(
+                relay.url, auth,
+                on_wait=None if on_notice is None else lambda: on_notice(
+                    f"waiting for loop {auth.loop_id}'s opencode session to start…"))
         if on_notice is not None:
             on_notice(f"opencode attach to loop {auth.loop_id} through {relay.url}")
         argv = opencode_attach_argv(binary, relay.url, session, extra)
