@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pyte
 import pytest
 from tests.e2e.agent_helpers import git_log, ralph_prompt
 
@@ -59,4 +60,13 @@ async def test_claude_tui_does_a_story_in_a_tmux_pane(
         subprocess.run, target.command("capture-pane", "-p", "-S", "-200", "-t",
                                        f"={target.session}:"),
         capture_output=True, text=True, check=True)
-    assert "TEXT-001" in captured.stdout
+    # The pane (tmux's own rendering) ends like the journal's bytes rendered here: the same
+    # last line (Claude Code's parting words name this session's id), whatever else it leaves
+    # on the screen when it exits.
+    screen = pyte.Screen(request.cols, request.rows)
+    pyte.ByteStream(screen).feed(bytes(output))
+    rendered = [line.rstrip() for line in screen.display if line.strip()]
+    pane = [line.rstrip() for line in captured.stdout.splitlines()
+            if line.strip() and not line.startswith("Pane is dead")]
+    assert rendered[-1] == pane[-1], (rendered[-5:], pane[-5:])
+    assert pane[-1].startswith("claude --resume ")

@@ -14,6 +14,8 @@ ralphd and the runners are real processes), and every client command is a real `
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -23,8 +25,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.e2e.test_attach_tmux import COLS, ROWS, Tmux, tmux  # noqa: F401 - tmux: a fixture
@@ -57,7 +61,7 @@ from tests.integration.remote_harness import (  # noqa: F401 - box_fixture: used
 
 from ralph_uv.agents.detect import find_binary
 from ralph_uv.daemon.lifecycle import running_pid
-from ralph_uv.demo.demo_model import DemoModel, SlowModel
+from ralph_uv.demo.demo_model import DemoModel, ModelReply, SlowModel
 from ralph_uv.demo.model_server import ThreadedModelServer
 from ralph_uv.demo.offline import offline_agent_env
 from ralph_uv.demo.run import make_sample_repo
@@ -317,6 +321,23 @@ def test_link_down_and_up_mid_attach(veth: tuple[SSHServer, tuple[str, ...], str
 # --------------------------------------------------------------------- the whole flow, claude
 
 
+class GatedModel(SlowModel):
+    """The demo model, holding every reply until :meth:`open` (then ``delay`` seconds
+    each): the loop's first iteration stays in progress while the test types into claude.
+    Held replies give up waiting after 120 s, so nothing outlives the test."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay, DemoModel())
+        self.gate = threading.Event()
+
+    async def reply(self, body: Mapping[str, Any]) -> ModelReply:
+        await asyncio.to_thread(self.gate.wait, 120)
+        return await super().reply(body)
+
+    def open(self) -> None:
+        self.gate.set()
+
+
 def test_claude_loop_on_a_remote_attach_stop_and_pull(
     box: SSHServer, tmux: Tmux, tmp_path: Path  # noqa: F811
 ) -> None:
@@ -327,7 +348,9 @@ def test_claude_loop_on_a_remote_attach_stop_and_pull(
     iteration; `pull` brings the agent's commits into the local branch."""
     if find_binary("claude") is None:
         pytest.skip("the claude CLI is not installed (make agents)")
-    with ThreadedModelServer(SlowModel(3.0, DemoModel())) as model:
+    gated = GatedModel(1.0)
+    with ThreadedModelServer(gated) as model, contextlib.ExitStack() as leaving:
+        leaving.callback(gated.open)  # held replies go before the server stops
         env = offline_agent_env(tmp_path / "agent", model.base_url, [])
         write_remote_config(box.remote_home, env=env)
         repo = make_sample_repo(tmp_path / "textkit")
@@ -347,15 +370,18 @@ def test_claude_loop_on_a_remote_attach_stop_and_pull(
              str(repo), shell)
         wait_until(lambda: "textkit" in tmux.status_line("remote"), timeout=60)
         wait_until(lambda: "running" in tmux.status_line("remote"), timeout=60)
-        # claude's own screen, drawn over there: its prompt box appears once it is up.
-        wait_until(lambda: "TEXT-00" in tmux.text("remote") or "Claude" in tmux.text("remote"),
-                   timeout=90)
+        # claude's own screen, drawn over there: busy with the loop's prompt (the model holds
+        # its reply), past any first-run dialog.
+        wait_until(lambda: "esc to interrupt" in tmux.text("remote"), timeout=90)
         tmux.keys("remote", "C-]", "i")
         wait_until(lambda: "interactive mode" in tmux.status_line("remote"), timeout=20)
         words = "typed-from-afar-42"
         tmux.type("remote", words)
-        wait_until(lambda: words.encode() in remote_journal(box.remote_home, loop_id),
-                   timeout=60)
+        try:
+            wait_until(lambda: words.encode() in remote_journal(box.remote_home, loop_id),
+                       timeout=60)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the pane shows:\n{tmux.text('remote')}") from None
         wait_until(lambda: words in tmux.text("remote"), timeout=30)
         # Take the words back out of claude's input box: the loop ends its turn by typing
         # /exit there.
@@ -365,6 +391,7 @@ def test_claude_loop_on_a_remote_attach_stop_and_pull(
         wait_until(lambda: "observe" in tmux.status_line("remote"), timeout=20)
 
         ok(ralph(repo, "stop", "textkit"))
+        gated.open()  # the iteration goes on: the loop stops after it
         wait_until(lambda: remote_loop(box.remote_home, loop_id).status.is_terminal,
                    timeout=240)
         wait_until(lambda: "ATTACH-EXIT=" in tmux.text("remote"), timeout=60)

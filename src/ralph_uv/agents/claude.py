@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import time
@@ -313,8 +314,7 @@ class ClaudePrintBackend(AgentBackend):
 class _Dialog:
     name: str
     marker: str  # text on the screen that identifies it
-    keys: bytes
-    answer: str  # what the keys choose, for the output line
+    choice: str | None  # the option to pick (by its label), or None: just confirm
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,18 +329,39 @@ class _Outcome:
     transcript: Path | None = None  # the session's JSONL transcript, named by the hook
 
 
-# Options are chosen by their number: the TUI's menus select and confirm on a digit.
+# An option is picked by its label, not its number or position: Claude Code versions differ in
+# both (some number their options, some list "No" first). See _menu_keys.
 _DIALOGS = (
-    _Dialog("trust-folder", "Yes, I trust this folder", b"1", "Yes, I trust this folder"),
-    _Dialog("trust-folder", "Do you trust the files in this folder?", b"1", "Yes, proceed"),
-    _Dialog("api-key", "Do you want to use this API key?", b"1", "Yes"),
-    _Dialog("bypass-permissions", "Yes, I accept", b"2", "Yes, I accept"),
-    _Dialog("theme", "Choose the text style that looks best", b"\r", "the default style"),
-    _Dialog("security-notes", "Security notes:", b"\r", "continue"),
+    _Dialog("trust-folder", "Yes, I trust this folder", "Yes, I trust this folder"),
+    _Dialog("trust-folder", "Do you trust the files in this folder?", "Yes, proceed"),
+    _Dialog("api-key", "Do you want to use this API key?", "Yes"),
+    _Dialog("bypass-permissions", "Yes, I accept", "Yes, I accept"),
+    _Dialog("theme", "Choose the text style that looks best", None),
+    _Dialog("security-notes", "Security notes:", None),
 )
+_MENU_CURSOR = "❯"
+_ENTER, _UP, _DOWN = b"\r", b"\x1b[A", b"\x1b[B"
 _AUTH_MARKERS = ("Select login method", "Please run /login", "Not logged in", "Invalid API key")
 _NETWORK_MARKERS = ("Unable to connect to Anthropic services",)
 _DIALOG_RETRY = 2.0  # seconds before answering a dialog again that is still on the screen
+_MENU_STEP = 0.3  # seconds between two moves of a dialog's menu cursor
+
+
+def _menu_keys(lines: Sequence[str], choice: str | None) -> bytes | None:
+    """The next key that picks ``choice`` in the menu on the screen ``lines``: an arrow
+    towards it, or Enter when the cursor is on it (or when there is nothing to choose).
+    ``None`` while the menu is not (fully) drawn."""
+    if choice is None:
+        return _ENTER
+    cursor = next((i for i, line in enumerate(lines) if line.lstrip().startswith(_MENU_CURSOR)),
+                  None)
+    label = re.compile(rf"^\s*(?:{_MENU_CURSOR}\s*)?(?:\d+\.\s*)?{re.escape(choice)}\s*$")
+    target = next((i for i, line in enumerate(lines) if label.match(line)), None)
+    if cursor is None or target is None:
+        return None
+    if cursor == target:
+        return _ENTER
+    return _DOWN if target > cursor else _UP
 
 
 def _hook_settings(stop_file: Path) -> dict[str, Any]:
@@ -433,17 +454,23 @@ class _InteractiveSession(AgentSession):
         if not self._answer_dialogs:
             return
         now = time.monotonic()
-        for dialog in _DIALOGS:
-            if dialog.marker in text and now - self._answered.get(dialog.name, -1e9) > \
-                    _DIALOG_RETRY:
-                self._answered[dialog.name] = now
-                log.info("answering Claude Code's %s dialog: %s", dialog.name, dialog.answer)
-                try:
-                    await self._pty.write(dialog.keys)
-                except UserError:
-                    return  # the terminal closed: claude is exiting, the wait() reports how
-                self._say(f"answered Claude Code's {dialog.name} dialog: {dialog.answer}")
-                return
+        dialog = next((d for d in _DIALOGS if d.marker in text), None)
+        if dialog is None:
+            return
+        keys = _menu_keys(self._screen.display, dialog.choice)
+        wait = _DIALOG_RETRY if keys == _ENTER else _MENU_STEP
+        if keys is None or now - self._answered.get(dialog.name, -1e9) <= wait:
+            self._dirty = True  # look again at the next poll, even if nothing is redrawn
+            return
+        self._answered[dialog.name] = now
+        try:
+            await self._pty.write(keys)
+        except UserError:
+            return  # the terminal closed: claude is exiting, the wait() reports how
+        if keys == _ENTER:
+            answer = dialog.choice or "continue"
+            log.info("answering Claude Code's %s dialog: %s", dialog.name, answer)
+            self._say(f"answered Claude Code's {dialog.name} dialog: {answer}")
 
     def _read_stop_file(self) -> bool:
         try:
