@@ -240,8 +240,8 @@ async def test_wait_for_session_waits_for_the_first_iteration() -> None:
     """A loop whose opencode server is up before its first session: wait_for_session keeps
     asking GET /session (telling the caller once that it waits) and returns the session as
     soon as the server lists one; with none in time it returns None."""
-    from ralph_uv.client.http_proxy import wait_for_session
     from ralph_uv.client.daemon import HttpAuth
+    from ralph_uv.client.http_proxy import wait_for_session
 
     asked = 0
 

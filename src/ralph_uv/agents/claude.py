@@ -339,7 +339,7 @@ _DIALOGS = (
     _Dialog("theme", "Choose the text style that looks best", None),
     _Dialog("security-notes", "Security notes:", None),
 )
-_MENU_CURSOR = "❯"
+_MENU_CURSOR = "\u276f"  # the heavy right-pointing angle Claude Code draws at the selection
 _ENTER, _UP, _DOWN = b"\r", b"\x1b[A", b"\x1b[B"
 _AUTH_MARKERS = ("Select login method", "Please run /login", "Not logged in", "Invalid API key")
 _NETWORK_MARKERS = ("Unable to connect to Anthropic services",)
