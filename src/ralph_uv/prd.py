@@ -39,6 +39,7 @@ __all__ = [
     "Story",
     "check_branch_name",
     "load_prd",
+    "parse_prd",
     "set_story_notes",
     "set_story_passes",
     "validate_prd",
@@ -201,6 +202,12 @@ def load_prd(path: Path) -> Prd:
     raw, problems = _read_json(path)
     if raw is None:
         raise PrdError(problems)
+    return parse_prd(raw, path)
+
+
+def parse_prd(raw: Any, path: Path) -> Prd:
+    """Check a document already parsed from JSON (``path`` names where it came from, e.g. a
+    file on another machine); raise :class:`PrdError` listing every problem found."""
     prd, problems = _build(raw, path)
     if problems:
         raise PrdError(problems, f"{path} is not a valid prd.json")

@@ -1,7 +1,7 @@
 """The task's ``progress.txt``: a log the agent and the loop both append to.
 
 The agent writes dated entries (what it did, what it learned) and keeps reusable knowledge in a
-``## Codebase Patterns`` section near the top. The loop adds one summary line per iteration::
+``## Codebase Patterns`` section near the top. The loop adds a summary line when it ends::
 
     [2025-06-01 14:03:12+02:00] Iteration 3/10 | Stories 2/5 | claude | story US-002 passed
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ralph_uv.errors import UserError
 from ralph_uv.prd import write_text_atomic
+from ralph_uv.tasks import PROGRESS_FILE
 
 __all__ = [
     "PATTERNS_HEADING",
@@ -29,6 +30,7 @@ __all__ = [
     "archives",
     "ensure_progress_file",
     "format_summary",
+    "read_log",
 ]
 
 log = logging.getLogger("ralph_uv.progress")
@@ -115,6 +117,20 @@ def archives(folder: Path) -> list[Path]:
         if match and entry.is_file():
             found.append((int(match.group(1)), entry))
     return [p for _, p in sorted(found)]
+
+
+def read_log(folder: Path, limit: int) -> tuple[str, bool]:
+    """The whole progress log of the task in ``folder``: its archives (oldest first), then
+    ``progress.txt``, at most the last ``limit`` characters; and whether older text was left
+    out. Files that cannot be read are skipped."""
+    parts: list[str] = []
+    for path in [*archives(folder), folder / PROGRESS_FILE]:
+        try:
+            parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            continue
+    text = "\n".join(parts)
+    return text[-limit:], len(text) > limit
 
 
 def _split(lines: list[str]) -> _Parts:

@@ -203,7 +203,7 @@ async def test_finished_checkouts_are_cleaned_up_and_the_branch_stays(
     """With checkout_retention "after_days = 0", a restarted ralphd removes a finished loop's
     checkout (its only change is the loop's progress.txt summary) but keeps one with a file the
     person left there; get_prd and pull_bundle still work from the workspace's branch (which
-a later loop has moved on)."""
+a later loop has moved on), and get_progress says the progress log went with the checkout."""
     daemon = start_ralphd(checkout_retention="after_days = 0")
     repo = make_task(tmp_path, stories=2).parent.parent
     async with await connect_daemon(autostart=False, client="test") as client:
@@ -221,6 +221,12 @@ a later loop has moved on)."""
     async with await connect_daemon(autostart=False, client="test") as client:
         prd = await client.endpoint.call("get_prd", {"loop": done["loop_id"]})
         assert prd["userStories"][0]["passes"] is True
+        # progress.txt was never committed (the loop's summary was its only change): gone.
+        with pytest.raises(RemoteError) as caught:
+            await client.get_progress(done["loop_id"])
+        gone = caught.value
+        assert gone.wire_code == ErrorCode.BAD_STATE
+        assert "checkout was cleaned up" in gone.message
         branch, sha = await pull_loop_branch(client, repo, done["loop_id"])
     assert branch == "ralph/demo"
     # The branch as it is now: the later loop's commit on top of this loop's.

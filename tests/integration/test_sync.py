@@ -258,6 +258,29 @@ async def test_prd_and_story_notes_of_a_loop(client: DaemonClient, tmp_path: Pat
     await client.stop_loop(record.loop_id, "now")
 
 
+async def test_progress_log_of_a_loop(client: DaemonClient, tmp_path: Path) -> None:
+    """get_progress sends the task's archives (oldest first) and then progress.txt; with a
+    limit only the newest characters, saying that older text was left out; a limit of 0 or
+    above 512 Ki is INVALID_PARAMS, naming the parameter."""
+    task = make_task(tmp_path, stories=1)
+    record = await client.start_loop(task, agent="sleep")
+    (task / "progress-2.txt").write_text("second archive\n")
+    (task / "progress-1.txt").write_text("first archive\n")
+    (task / "progress.txt").write_text("## 2026-11-21 - US-001\nnow ü\n")
+    reply = await client.endpoint.call("get_progress", {"loop": record.loop_id})
+    assert reply == {"loop_id": record.loop_id, "truncated": False,
+                     "text": "first archive\n\nsecond archive\n\n## 2026-11-21 - US-001\nnow ü\n"}
+    assert await client.get_progress("demo", limit=6) == "now ü\n"
+    tail = await client.endpoint.call("get_progress", {"loop": "demo", "limit": 6})
+    assert tail["truncated"] is True
+    for limit in (0, 512 * 1024 + 1):
+        bad = await code_of(client.endpoint.call("get_progress", {"loop": "demo",
+                                                                  "limit": limit}))
+        assert bad.wire_code == ErrorCode.INVALID_PARAMS
+        assert "'limit'" in bad.message
+    await client.stop_loop(record.loop_id, "now")
+
+
 async def _http_server() -> tuple[asyncio.Server, list[bytes]]:
     seen: list[bytes] = []
 

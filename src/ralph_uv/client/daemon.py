@@ -270,6 +270,26 @@ class DaemonClient:
                         username=str(reply.get("username") or "opencode"),
                         password=reply["password"], url=str(reply.get("url") or ""))
 
+    async def get_prd(self, loop: str) -> Any:
+        """``loop``'s prd.json as ralphd reads it now (parsed JSON, not yet checked)."""
+        return await self.endpoint.call("get_prd", {"loop": loop})
+
+    async def get_progress(self, loop: str, limit: int | None = None) -> str:
+        """The newest ``limit`` characters (default: as many as ralphd sends) of ``loop``'s
+        progress log, archives first."""
+        params: dict[str, Any] = {"loop": loop}
+        if limit is not None:
+            params["limit"] = limit
+        reply = await self.endpoint.call("get_progress", params)
+        if not isinstance(reply, dict) or not isinstance(reply.get("text"), str):
+            raise RalphError("ralphd sent a progress log that cannot be read")
+        return str(reply["text"])
+
+    async def set_story_notes(self, loop: str, story: str, notes: str) -> None:
+        """Write ``notes`` into story ``story`` of ``loop``'s prd.json (atomically, there)."""
+        await self.endpoint.call("set_story_notes", {"loop": loop, "story": story,
+                                                     "notes": notes})
+
 
 async def _deliver_event(daemon: DaemonClient, params: Any) -> None:
     handler = daemon._on_event

@@ -15,6 +15,8 @@ Methods (every name, branch and URL is checked by :mod:`ralph_uv.validation` fir
   ``have`` hold; an empty ``bundle`` when there is nothing new. A bundle bigger than ``limit``
   comes in chunks: pass the ``download`` id and ``offset = next`` until ``next == end``.
 - ``get_prd {loop}`` → the loop's prd.json; ``set_story_notes {loop, story, notes}``
+- ``get_progress {loop, limit?}`` → ``{loop_id, text, truncated}``: the task's progress log
+  (archives, then progress.txt), its newest ``limit`` characters (at most 512 Ki)
 - ``get_http_auth {loop}`` → ``{username, password, url}`` of the loop's opencode server
 
 Transfers left idle for 15 minutes are dropped, and so is everything in transit when ralphd
@@ -40,11 +42,13 @@ from ralph_uv.daemon.config import DaemonConfig
 from ralph_uv.daemon.workspaces import Checkout, CheckoutState, Workspaces, read_checkout
 from ralph_uv.errors import ErrorCode, RalphError, UserError
 from ralph_uv.prd import load_prd, set_story_notes
+from ralph_uv.progress import read_log
 from ralph_uv.protocol import Dispatcher
 from ralph_uv.protocol.dispatch import InvalidParams
 from ralph_uv.registry import LOCAL, Registry, SessionRecord
 from ralph_uv.runner.host import new_loop_id
 from ralph_uv.runner.http_info import HttpInfo, read_http_info
+from ralph_uv.tasks import PROGRESS_FILE
 from ralph_uv.validation import (
     validate_branch_name,
     validate_origin_url,
@@ -55,6 +59,7 @@ from ralph_uv.validation import (
 
 __all__ = [
     "MAX_CHUNK",
+    "MAX_PROGRESS_TEXT",
     "Transfers",
     "active_checkouts",
     "discard_checkout",
@@ -67,6 +72,9 @@ __all__ = [
 log = logging.getLogger("ralph_uv.daemon.sync")
 
 MAX_CHUNK = 1024 * 1024
+# Characters of a progress log one get_progress sends: even as 6-byte JSON escapes they fit in
+# one message of the default 4 MiB limit.
+MAX_PROGRESS_TEXT = 512 * 1024
 TRANSFER_IDLE = 900.0
 MAINTENANCE_INTERVAL = 3600.0
 _MAX_NOTES = 64 * 1024
@@ -338,6 +346,16 @@ class _Loop:
 
 
 @dataclass(frozen=True, slots=True)
+class _Progress:
+    loop: str
+    limit: int = MAX_PROGRESS_TEXT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= MAX_PROGRESS_TEXT:
+            raise ValueError(f"'limit' must be 1 to {MAX_PROGRESS_TEXT} characters")
+
+
+@dataclass(frozen=True, slots=True)
 class _StoryNotes:
     loop: str
     story: str
@@ -516,6 +534,17 @@ def _read_slice(path: Path, offset: int, limit: int) -> bytes:
         return file.read(limit)
 
 
+async def _committed_task_file(server: _Daemon, record: SessionRecord, name: str) -> str | None:
+    """``name`` of the loop's task as its branch holds it (the loop ran in a checkout that has
+    been cleaned up since), or ``None``."""
+    checkout = read_checkout(server.dirs.loop_dir(record.loop_id))
+    if checkout is None:
+        return None
+    return await asyncio.to_thread(
+        server.workspaces.show_file, checkout.project, record.branch or checkout.branch,
+        f"{checkout.task_path}/{name}")
+
+
 async def _get_prd(conn: _Connection, params: _Loop) -> Any:
     server = conn.server
     record = server.supervisor.resolve(params.loop)
@@ -524,16 +553,9 @@ async def _get_prd(conn: _Connection, params: _Loop) -> Any:
     try:
         text = await asyncio.to_thread(prd_file.read_text, encoding="utf-8")
     except FileNotFoundError:
-        text = None
+        text = await _committed_task_file(server, record, "prd.json")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {prd_file}: {exc}") from exc
-    if text is None:
-        # The checkout may have been cleaned up: the branch still holds the file.
-        checkout = read_checkout(server.dirs.loop_dir(record.loop_id))
-        if checkout is not None:
-            text = await asyncio.to_thread(
-                server.workspaces.show_file, checkout.project, record.branch or checkout.branch,
-                f"{checkout.task_path}/prd.json")
     if text is None:
         raise RalphError(f"loop {record.loop_id}: {prd_file} is gone",
                          code=ErrorCode.BAD_STATE)
@@ -542,6 +564,22 @@ async def _get_prd(conn: _Connection, params: _Loop) -> Any:
     except ValueError as exc:
         raise RalphError(f"{prd_file} is not valid JSON right now: {exc}",
                          code=ErrorCode.INVALID_PRD) from exc
+
+
+async def _get_progress(conn: _Connection, params: _Progress) -> dict[str, Any]:
+    server = conn.server
+    record = server.supervisor.resolve(params.loop)
+    folder = Path(record.task_dir)
+    if await asyncio.to_thread(folder.is_dir):
+        text, truncated = await asyncio.to_thread(read_log, folder, params.limit)
+    else:
+        committed = await _committed_task_file(server, record, PROGRESS_FILE)
+        if committed is None:
+            raise RalphError(
+                f"loop {record.loop_id}: {folder} is gone (its checkout was cleaned up) and "
+                f"its branch holds no {PROGRESS_FILE}", code=ErrorCode.BAD_STATE)
+        text, truncated = committed[-params.limit:], len(committed) > params.limit
+    return {"loop_id": record.loop_id, "text": text, "truncated": truncated}
 
 
 async def _set_story_notes(conn: _Connection, params: _StoryNotes) -> dict[str, Any]:
@@ -587,6 +625,7 @@ def register(methods: Dispatcher[Any]) -> None:
     methods.add("sync_origin", _sync_origin)
     methods.add("pull_bundle", _pull_bundle)
     methods.add("get_prd", _get_prd)
+    methods.add("get_progress", _get_progress)
     methods.add("set_story_notes", _set_story_notes)
     methods.add("get_http_auth", _get_http_auth)
 
