@@ -443,7 +443,8 @@ async def test_several_locations_and_unreachable_ones(env: Env, tmp_path: Path) 
             await wait_for(pilot, lambda: "east is unreachable" in notices(app))
             assert table(app).select(LoopKey("west", "gamma-0a0b0c"))
             await pilot.press("e")
-            await wait_for(pilot, lambda: "not available for remote loops yet" in notices(app))
+            await wait_for(pilot, lambda: "prd.json of west:gamma-0a0b0c cannot be read: west "
+                           "is unreachable" in notices(app))
     finally:
         east.stop()
         east.kill_runners()

@@ -11,7 +11,6 @@ Changes from the source are coalesced: the visible screen is redrawn at most
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections import deque
@@ -40,7 +39,6 @@ from ralph_uv.tui.screens.log import LogScreen
 from ralph_uv.tui.screens.loops import LoopsScreen
 from ralph_uv.tui.screens.new_loop import NewLoopScreen
 from ralph_uv.tui.source import LoopKey, LoopRow, LoopSource
-from ralph_uv.tui.taskdata import read_task, save_notes
 from ralph_uv.tui.widgets.loops_table import LoopsTable
 from ralph_uv.tui.widgets.terminal import TerminalView
 
@@ -309,12 +307,10 @@ class RalphTui(App[None]):
             self._spawn(self._edit_notes(key), "notes")
 
     async def _edit_notes(self, key: LoopKey) -> None:
-        self.source.require_local_files(key, "editing a story's notes")
         row = self._row(key)
         screen = self.screen
         story_id = screen.current_story() if isinstance(screen, LoopScreen) else row.story
-        task_dir = Path(row.task_dir)
-        snapshot = await asyncio.to_thread(read_task, task_dir, row.story)
+        snapshot = await self.source.read_task(key, row.story)
         if snapshot.prd is None:
             raise UserError(f"prd.json of {key} cannot be read: {snapshot.error}")
         view = snapshot.story(story_id) if story_id else None
@@ -323,14 +319,15 @@ class RalphTui(App[None]):
 
         def edited(text: str | None) -> None:
             if text is not None:
-                self._spawn(self._save_notes(key, task_dir, view.story.id, text), "notes")
+                self._spawn(self._save_notes(key, view.story.id, text), "notes")
 
         self.push_screen(TextScreen(f"Notes of {view.story.id} ({view.story.title})",
                                     view.story.notes, send_label="Save"), edited)
 
-    async def _save_notes(self, key: LoopKey, task_dir: Path, story_id: str, text: str) -> None:
-        await asyncio.to_thread(save_notes, task_dir, story_id, text)
-        self.say(f"{story_id}: notes saved to prd.json")
+    async def _save_notes(self, key: LoopKey, story_id: str, text: str) -> None:
+        await self.source.save_notes(key, story_id, text)
+        where = "" if self.source.location(key.location).local_files else f" on {key.location}"
+        self.say(f"{story_id}: notes saved to prd.json{where}")
         for screen in self.screen_stack:
             if isinstance(screen, DetailScreen) and screen.key == key:
                 screen.reload_task()
@@ -338,16 +335,21 @@ class RalphTui(App[None]):
     def action_pull_branch(self) -> None:
         """Bring a remote loop's branch into this repository."""
         key = self._current()
-        if key is None:
-            return
-        row = self.source.row(key)
-        if not self.source.location(key.location).local_files:
-            self.say(f"pulling the branch of {key} is not available for remote loops yet",
-                     "error")
-        elif row is not None:
+        if key is not None:
+            self._spawn(self._pull_branch(key), "pull")
+
+    async def _pull_branch(self, key: LoopKey) -> None:
+        row = self._row(key)
+        if self.source.location(key.location).local_files:
             branch = row.branch or "its branch"
             self.say(f"{key} runs on this machine: {branch} is already in {row.task_dir}'s "
                      "repository; nothing to pull")
+            return
+        repo = self.tasks_root or git_root()
+        self.say(f"pulling the branch of {key} into {repo}…")
+        branch, sha = await self.source.pull_branch(
+            key, repo, on_notice=lambda text: self.say(text))
+        self.say(f"pulled {branch} at {sha[:12]} from {key.location}")
 
     def action_log(self) -> None:
         """The loop's output as text, scrollable."""

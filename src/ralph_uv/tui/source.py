@@ -32,6 +32,7 @@ from typing import Any
 from ralph_uv.agents.detect import AgentInfo
 from ralph_uv.client.daemon import DaemonClient
 from ralph_uv.client.loops import LoopState, RunOptions
+from ralph_uv.client.remote_run import RemotePlan, pull_remote_loop, start_remote_loop
 from ralph_uv.config import paths
 from ralph_uv.errors import ErrorCode, RalphError, TransportError, UserError
 from ralph_uv.eventlog import Event
@@ -40,6 +41,7 @@ from ralph_uv.status import LoopStatus
 from ralph_uv.transports.base import Stream
 from ralph_uv.tui.feed import FeedState, LoopFeed
 from ralph_uv.tui.locations import Location, LocationInfo, LocationState
+from ralph_uv.tui.taskdata import TaskSnapshot, read_task, save_notes, task_from_documents
 
 __all__ = ["LoopKey", "LoopRow", "LoopSource"]
 
@@ -557,11 +559,59 @@ class LoopSource:
         """The agents installed where ``location``'s ralphd runs."""
         return await self.daemon(location).get_agents()
 
-    def require_local_files(self, key: LoopKey, action: str) -> None:
-        """Refuse ``action`` on a loop whose task folder is not on this machine."""
-        if not self.location(key.location).local_files:
+    # ------------------------------------------------------------------------- task files
+
+    async def read_task(self, key: LoopKey, current: str | None = None) -> TaskSnapshot:
+        """The loop's task as it is now: read here when its folder is on this machine, else
+        through its ralphd (``get_prd``, ``get_progress``). Never raises: a problem is the
+        snapshot's ``error``."""
+        row = self.row(key)
+        if row is None:
+            return TaskSnapshot(Path("."), None, (), "", error=f"loop {key} is not known")
+        if self.location(key.location).local_files:
+            return await asyncio.to_thread(read_task, Path(row.task_dir), current)
+        try:
+            daemon = self.daemon(key.location)
+            prd = await daemon.get_prd(key.loop_id)
+        except RalphError as exc:
+            return task_from_documents(row.task_dir, None, "", current, error=exc.message)
+        try:
+            progress = await daemon.get_progress(key.loop_id)
+        except RalphError as exc:  # the stories are worth showing without it
+            log.info("progress log of %s not read: %s", key, exc.message)
+            progress = ""
+        return task_from_documents(row.task_dir, prd, progress, current)
+
+    async def save_notes(self, key: LoopKey, story_id: str, notes: str) -> None:
+        """Write a story's notes into the loop's prd.json: here, or through its ralphd."""
+        row = self.row(key)
+        if row is None:
+            raise UserError(f"loop {key} is not known", code=ErrorCode.LOOP_NOT_FOUND)
+        if self.location(key.location).local_files:
+            await asyncio.to_thread(save_notes, Path(row.task_dir), story_id, notes)
+        else:
+            await self.daemon(key.location).set_story_notes(key.loop_id, story_id, notes)
+
+    # ------------------------------------------------------------------------- remote code
+
+    async def start_remote_loop(
+        self, plan: RemotePlan, options: RunOptions, *, on_notice: Callable[[str], None]
+    ) -> LoopKey:
+        """Send the code of ``plan`` to its remote and start the loop there (the remote is
+        a location of this source); its key."""
+        link = self._link(plan.remote.name)
+        record = await start_remote_loop(link.require_daemon(), plan, options,
+                                         on_notice=on_notice)
+        link._merge([record])
+        return LoopKey(link.name, record.loop_id)
+
+    async def pull_branch(self, key: LoopKey, repo: Path,
+                          *, on_notice: Callable[[str], None]) -> tuple[str, str]:
+        """Bring the branch of a loop on another machine into the repository holding
+        ``repo``; ``(branch, sha)``. Uncommitted work here is never touched."""
+        if self.location(key.location).local_files:
             raise UserError(
-                f"{action} is not available for remote loops yet ({key}); "
-                "it works for loops on this machine",
-                code=ErrorCode.BAD_STATE,
-            )
+                f"{key} runs on this machine: its commits are already in its repository; "
+                "nothing to pull", code=ErrorCode.BAD_STATE)
+        return await pull_remote_loop(self.daemon(key.location), repo, key.loop_id,
+                                      on_notice=on_notice)

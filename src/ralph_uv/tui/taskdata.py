@@ -1,9 +1,12 @@
 """What the detail screen shows of a task: its stories with their progress, read from
 ``prd.json``, and the entries ``progress.txt`` has about each story.
 
-Reading is plain file work (run it in a thread); :func:`read_task` never raises, it carries the
-problem in :attr:`TaskSnapshot.error` so the screen can say what is wrong and go on. Notes are
-written back with :func:`ralph_uv.prd.set_story_notes` (atomic, every other key kept).
+For a task on this machine :func:`read_task` reads the files (plain file work: run it in a
+thread); for one on another machine :func:`task_from_documents` builds the same snapshot from
+what that machine's ralphd sent (``get_prd``, ``get_progress``). Neither raises: the problem is
+carried in :attr:`TaskSnapshot.error` so the screen can say what is wrong and go on. Notes are
+written back with :func:`ralph_uv.prd.set_story_notes` (atomic, every other key kept), here or
+through the loop's ralphd.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from ralph_uv.errors import RalphError
-from ralph_uv.prd import Prd, Story, load_prd, set_story_notes
-from ralph_uv.progress import PATTERNS_HEADING, archives
-from ralph_uv.tasks import PRD_FILE, PROGRESS_FILE
+from ralph_uv.prd import Prd, Story, load_prd, parse_prd, set_story_notes
+from ralph_uv.progress import PATTERNS_HEADING, read_log
+from ralph_uv.tasks import PRD_FILE
 
 __all__ = [
     "StoryState",
@@ -25,9 +29,10 @@ __all__ = [
     "progress_entries",
     "read_task",
     "save_notes",
+    "task_from_documents",
 ]
 
-_MAX_PROGRESS = 2 * 1024 * 1024  # bytes of progress files read at most
+MAX_PROGRESS = 1024 * 1024  # characters of the progress log shown at most (the newest)
 _SUMMARY = re.compile(r"^\[[^\]]+\] Iteration \d+")
 
 
@@ -92,15 +97,7 @@ def _story_views(prd: Prd, current: str | None) -> tuple[StoryView, ...]:
 
 
 def _read_progress(task_dir: Path) -> str:
-    """The archives (oldest first) and then progress.txt, at most the last 2 MiB of text."""
-    parts: list[str] = []
-    for path in [*archives(task_dir), task_dir / PROGRESS_FILE]:
-        try:
-            parts.append(path.read_text(encoding="utf-8", errors="replace"))
-        except OSError:
-            continue
-    text = "\n".join(parts)
-    return text[-_MAX_PROGRESS:]
+    return read_log(task_dir, MAX_PROGRESS)[0]
 
 
 def read_task(task_dir: Path, current: str | None = None) -> TaskSnapshot:
@@ -113,6 +110,23 @@ def read_task(task_dir: Path, current: str | None = None) -> TaskSnapshot:
     except OSError as exc:
         return TaskSnapshot(task_dir, None, (), "", error=f"{task_dir / PRD_FILE}: {exc}")
     return TaskSnapshot(task_dir, prd, _story_views(prd, current), _read_progress(task_dir))
+
+
+def task_from_documents(
+    task_dir: str, prd: Any, progress: str, current: str | None = None,
+    *, error: str | None = None,
+) -> TaskSnapshot:
+    """The snapshot of a task on another machine: ``prd`` is its prd.json as parsed JSON
+    (``None`` with ``error`` saying why it could not be had), ``progress`` its progress log.
+    ``task_dir`` is the folder's path over there."""
+    folder = Path(task_dir)
+    if error is not None or prd is None:
+        return TaskSnapshot(folder, None, (), progress, error=error or "prd.json was not sent")
+    try:
+        parsed = parse_prd(prd, folder / PRD_FILE)
+    except RalphError as exc:
+        return TaskSnapshot(folder, None, (), progress, error=exc.message)
+    return TaskSnapshot(folder, parsed, _story_views(parsed, current), progress)
 
 
 def progress_entries(text: str, story_id: str) -> list[str]:

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from rich.text import Text
 from textual import work
@@ -30,7 +29,7 @@ from ralph_uv.tui.keymap import EXIT_KEY_LABEL
 from ralph_uv.tui.locations import LocationInfo
 from ralph_uv.tui.screens.base import LoopScreen
 from ralph_uv.tui.source import LoopKey, LoopRow
-from ralph_uv.tui.taskdata import TaskSnapshot, progress_entries, read_task
+from ralph_uv.tui.taskdata import TaskSnapshot, progress_entries
 from ralph_uv.tui.widgets.events import EventsView
 from ralph_uv.tui.widgets.key_bar import KeyBar
 from ralph_uv.tui.widgets.loops_table import duration, status_text
@@ -228,14 +227,8 @@ class DetailScreen(LoopScreen):
         if row is None:
             return
         text = self.query_one("#story-text", Static)
-        if not self.source.location(self.key.location).local_files:
-            text.update(
-                "The stories of remote loops are not available yet: this loop's task folder "
-                f"is on {self.key.location}."
-            )
-            return
         current = row.story if row.status.is_active else None
-        snapshot = await asyncio.to_thread(read_task, Path(row.task_dir), current)
+        snapshot = await self.source.read_task(self.key, current)
         self.snapshot = snapshot
         if snapshot.error is not None:
             text.update(Text(f"prd.json cannot be read: {snapshot.error}", style="red"))

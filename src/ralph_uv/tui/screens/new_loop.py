@@ -1,9 +1,14 @@
 """``n``: start a loop. Pick a task (with its stories done/total), where it runs (this machine
 or a remote), the agent, the iteration limit and the base branch; the screen dismisses with
-the new loop's key, and the app opens its detail."""
+the new loop's key, and the app opens its detail.
+
+On a remote, the loop runs on a copy of the code like ``ralph-uv run --on``: the base branch is
+sent as a git bundle (or the remote fetches it from the origin), and the loop works in a
+checkout there; ``b`` later brings its branch back."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -15,8 +20,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
 from ralph_uv.client.loops import RunOptions
+from ralph_uv.client.remote_run import SyncMode, plan_remote_run
 from ralph_uv.errors import RalphError, UserError
-from ralph_uv.tasks import TaskInfo, list_tasks
+from ralph_uv.tasks import TaskInfo, TaskRef, list_tasks
 from ralph_uv.tui.source import LoopKey
 
 if TYPE_CHECKING:
@@ -96,17 +102,31 @@ class NewLoopScreen(ModalScreen[LoopKey | None]):
             yield Input(str(self._max_iterations), type="integer", id="max-iterations")
             yield Label("Base branch")
             yield Input(placeholder="(default: the branch checked out now)", id="base-branch")
+            yield Label("Code sent to a remote by")
+            yield Select([("git bundle, over the connection", "bundle"),
+                          ("push to origin; the remote fetches", "origin")],
+                         value="bundle", allow_blank=False, id="sync")
             with Horizontal(classes="buttons"):
                 yield Button("Cancel", id="cancel")
                 yield Button("Start (Ctrl-S)", id="start", variant="primary")
 
     def on_mount(self) -> None:
         self.query_one("#task", Select).focus()
-        self._load_agents(self._location)
+        self._location_chosen(self._location)
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "location" and isinstance(event.value, str):
-            self._load_agents(event.value)
+            self._location_chosen(event.value)
+
+    def _location_chosen(self, location: str) -> None:
+        self.query_one("#sync", Select).disabled = self._local_files(location)
+        self._load_agents(location)
+
+    def _local_files(self, location: str) -> bool:
+        try:
+            return self.tui.source.location(location).local_files
+        except UserError:
+            return True
 
     @work(exclusive=True, group="agents")
     async def _load_agents(self, location: str) -> None:
@@ -136,7 +156,7 @@ class NewLoopScreen(ModalScreen[LoopKey | None]):
         """Start the loop as filled in."""
         self._start()
 
-    def _form(self) -> tuple[TaskInfo, str, RunOptions]:
+    def _form(self) -> tuple[TaskInfo, str, RunOptions, SyncMode]:
         task_name = self.query_one("#task", Select).value
         task = next((t for t in self.tasks if t.name == task_name), None)
         if task is None:
@@ -158,21 +178,25 @@ class NewLoopScreen(ModalScreen[LoopKey | None]):
             max_iterations=max_iterations,
             base_branch=branch,
         )
-        return task, location, options
+        sync: SyncMode = "origin" if self.query_one("#sync", Select).value == "origin" \
+            else "bundle"
+        return task, location, options, sync
 
     @work(exclusive=True, group="start")
     async def _start(self) -> None:
         source = self.tui.source
         try:
-            task, location, options = self._form()
-            if not source.location(location).local_files:
-                raise UserError(
-                    f"starting a task on {location} is not available for remote loops yet "
-                    "(its code must first be sent there); start it on this machine"
+            task, location, options, sync = self._form()
+            if source.location(location).local_files:
+                key = await source.start_loop(
+                    location, task.dir.resolve(), task_name=task.name, options=options
                 )
-            key = await source.start_loop(
-                location, task.dir.resolve(), task_name=task.name, options=options
-            )
+            else:
+                ref = TaskRef(task.name, task.dir.resolve(), self.tasks_root.resolve())
+                plan = await asyncio.to_thread(plan_remote_run, location, ref, sync=sync,
+                                               base_branch=options.base_branch)
+                self.tui.say(f"sending {plan.branch} to {location} ({sync})…")
+                key = await source.start_remote_loop(plan, options, on_notice=self.tui.say)
         except RalphError as exc:
             self.tui.say(f"not started: {exc.message}", "error")
             return
