@@ -403,7 +403,7 @@ async def test_several_locations_and_unreachable_ones(env: Env, tmp_path: Path) 
     listed with its name next to the local ones and followed live like them; when it cannot be
     reached any more the status bar says so, its loops keep their last known state and actions
     on them say why they fail. "west" (a TCP URL where nothing listens) is unreachable from the
-    start: its loops show as the local registry last recorded them."""
+    start: its loops show as the local registry last recorded them, by the ids west uses."""
     east_home = Path(str(env.home) + "-east")
     write_config(east_home)
     east = Daemon(east_home).start()
@@ -415,7 +415,8 @@ async def test_several_locations_and_unreachable_ones(env: Env, tmp_path: Path) 
             registry.add_remote(RemoteRecord("east", f"unix://{east.socket}"))
             registry.add_remote(RemoteRecord("west", f"tcp://127.0.0.1:{closed_port}"))
             registry.upsert(SessionRecord(
-                loop_id="gamma-0a0b0c", task_name="gamma", task_dir="/srv/gamma",
+                loop_id="west:gamma-0a0b0c", remote_loop_id="gamma-0a0b0c",  # as run --on has it
+                task_name="gamma", task_dir="/srv/gamma",
                 agent="claude", status=LoopStatus.RUNNING, iteration=4, max_iterations=9,
                 current_story="G-2", stories_done=1, stories_total=3, location="west",
             ))

@@ -272,6 +272,9 @@ class _Link:
             log.warning("registry not read: %s", exc.message)
             return
         for record in records:
+            if record.remote_loop_id and record.remote_loop_id != record.loop_id:
+                # A copy of a remote loop (``NAME:<id>``): shown by the id its ralphd uses.
+                record = _replace_record(record, loop_id=record.remote_loop_id)
             self.records.setdefault(record.loop_id, record)
 
     # ------------------------------------------------------------------------- records
