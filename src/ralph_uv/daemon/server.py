@@ -61,6 +61,7 @@ from ralph_uv.protocol.messages import ErrorResponse
 from ralph_uv.registry import LOCAL, Registry, SessionRecord
 from ralph_uv.rpc import Endpoint
 from ralph_uv.runner.engine import StopWhen
+from ralph_uv.runner.watch import check_protocol
 from ralph_uv.tasks import resolve_task, validate_task_name
 from ralph_uv.transports import Listener, listen
 from ralph_uv.transports.base import AsyncioStream, Stream
@@ -464,12 +465,7 @@ class _SubscribeEvents:
 
 @_methods.method("hello", allow_extra=True)
 async def _hello(conn: DaemonConnection, params: _Hello) -> dict[str, Any]:
-    if params.protocol.split(".", 1)[0] != PROTOCOL_VERSION.split(".", 1)[0]:
-        raise RalphError(
-            f"Unsupported protocol {params.protocol!r}: ralphd speaks {PROTOCOL_VERSION}; "
-            "use a ralph-uv client of the same major version",
-            code=ErrorCode.UNSUPPORTED_PROTOCOL,
-        )
+    check_protocol(params.protocol, "ralphd")
     conn.client = "".join(ch for ch in params.client if ch.isprintable())[:_MAX_CLIENT_NAME]
     return {
         "protocol": PROTOCOL_VERSION,

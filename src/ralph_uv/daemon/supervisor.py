@@ -41,6 +41,7 @@ from ralph_uv.registry import LOCAL, Registry, SessionRecord
 from ralph_uv.rpc import Endpoint
 from ralph_uv.runner.host import new_loop_id
 from ralph_uv.runner.spec import write_spec
+from ralph_uv.runner.watch import PROTOCOL_VERSION
 from ralph_uv.status import LoopStatus
 from ralph_uv.transports.unix import open_unix
 
@@ -54,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger("ralph_uv.daemon.supervisor")
 
-PROTOCOL_VERSION = "1.0"
 RUNNER_LOG = "runner.log"
 SPEC_FILE = "spec.json"
 _POLL_INTERVAL = 0.5
