@@ -345,19 +345,42 @@ _AUTH_MARKERS = ("Select login method", "Please run /login", "Not logged in", "I
 _NETWORK_MARKERS = ("Unable to connect to Anthropic services",)
 _DIALOG_RETRY = 2.0  # seconds before answering a dialog again that is still on the screen
 _MENU_STEP = 0.3  # seconds between two moves of a dialog's menu cursor
+_STUCK_AFTER = 30.0  # seconds a dialog may stay unanswerable before the output says so
+
+
+_BOX = " \t│┃║|"  # what may stand around an option: spaces, a dialog's border
+_MENU_ABOVE = 6  # lines above a dialog's marker that may hold its options
+_MENU_SPAN = 8  # the most lines between the cursor and the option it moves to
+
+
+def _find_dialog(lines: Sequence[str]) -> tuple[_Dialog, int] | None:
+    """The dialog shown now: the one whose marker is lowest on the screen (text of a dialog
+    answered before may still be drawn above it), with the line of that marker."""
+    found: tuple[_Dialog, int] | None = None
+    for dialog in _DIALOGS:
+        line = next((i for i in range(len(lines) - 1, -1, -1) if dialog.marker in lines[i]),
+                    None)
+        if line is not None and (found is None or line > found[1]):
+            found = (dialog, line)
+    return found
 
 
 def _menu_keys(lines: Sequence[str], choice: str | None) -> bytes | None:
-    """The next key that picks ``choice`` in the menu on the screen ``lines``: an arrow
-    towards it, or Enter when the cursor is on it (or when there is nothing to choose).
-    ``None`` while the menu is not (fully) drawn."""
+    """The next key that picks ``choice`` in the menu on the screen ``lines`` (its dialog's
+    marker and what follows it): an arrow towards it, or Enter when the cursor is on it (or
+    when there is nothing to choose). ``None`` while no such menu is drawn."""
     if choice is None:
         return _ENTER
-    cursor = next((i for i, line in enumerate(lines) if line.lstrip().startswith(_MENU_CURSOR)),
-                  None)
-    label = re.compile(rf"^\s*(?:{_MENU_CURSOR}\s*)?(?:\d+\.\s*)?{re.escape(choice)}\s*$")
-    target = next((i for i, line in enumerate(lines) if label.match(line)), None)
-    if cursor is None or target is None:
+    label = re.compile(
+        rf"^[{_BOX}]*(?:{_MENU_CURSOR}\s*)?(?:\d+\.\s*)?{re.escape(choice)}[{_BOX}]*$")
+    cursors = [i for i, line in enumerate(lines)
+               if line.lstrip(_BOX).startswith(_MENU_CURSOR)
+               and line.lstrip(_BOX)[len(_MENU_CURSOR):].strip(_BOX)]  # an option, not a prompt
+    targets = [i for i, line in enumerate(lines) if label.match(line)]
+    if not cursors or not targets:
+        return None
+    cursor, target = cursors[-1], targets[-1]  # the menu drawn last is the one shown
+    if abs(cursor - target) > _MENU_SPAN:
         return None
     if cursor == target:
         return _ENTER
@@ -386,6 +409,8 @@ class _InteractiveSession(AgentSession):
         self._dirty = False
         self._tail = bytearray()
         self._answered: dict[str, float] = {}
+        self._stuck_since: float | None = None
+        self._stuck_told: set[str] = set()
         self._pty: AgentTerminal | None = None
         self._outcome: _Outcome | None = None  # set when the turn has ended, either way
         self._stopped = False
@@ -454,15 +479,21 @@ class _InteractiveSession(AgentSession):
         if not self._answer_dialogs:
             return
         now = time.monotonic()
-        dialog = next((d for d in _DIALOGS if d.marker in text), None)
-        if dialog is None:
+        lines = self._screen.display
+        found = _find_dialog(lines)
+        if found is None:
+            self._stuck_since = None
             return
-        keys = _menu_keys(self._screen.display, dialog.choice)
+        dialog, at = found
+        keys = _menu_keys(lines[max(0, at - _MENU_ABOVE):], dialog.choice)
+        if keys is None:
+            self._not_found(dialog, now)
         wait = _DIALOG_RETRY if keys == _ENTER else _MENU_STEP
         if keys is None or now - self._answered.get(dialog.name, -1e9) <= wait:
             self._dirty = True  # look again at the next poll, even if nothing is redrawn
             return
         self._answered[dialog.name] = now
+        self._stuck_since = None
         try:
             await self._pty.write(keys)
         except UserError:
@@ -471,6 +502,19 @@ class _InteractiveSession(AgentSession):
             answer = dialog.choice or "continue"
             log.info("answering Claude Code's %s dialog: %s", dialog.name, answer)
             self._say(f"answered Claude Code's {dialog.name} dialog: {answer}")
+
+    def _not_found(self, dialog: _Dialog, now: float) -> None:
+        """A dialog whose option is not where it is expected: say so once it has lasted, so a
+        person can attach and answer it (the iteration's timeout still applies)."""
+        if self._stuck_since is None:
+            self._stuck_since = now
+        elif now - self._stuck_since > _STUCK_AFTER and dialog.name not in self._stuck_told:
+            self._stuck_told.add(dialog.name)
+            log.warning("Claude Code's %s dialog: option %r not found on the screen",
+                        dialog.name, dialog.choice)
+            self._say(f"cannot answer Claude Code's {dialog.name} dialog (no option "
+                      f"{dialog.choice!r}); attach and answer it (ralph-uv attach, then "
+                      "Ctrl-] i)")
 
     def _read_stop_file(self) -> bool:
         try:
