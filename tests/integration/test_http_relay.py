@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ralph_uv.client.daemon import DaemonClient, connect_daemon
 from ralph_uv.client.http_proxy import HttpRelay, latest_session
 from ralph_uv.config import Paths, paths
 from ralph_uv.daemon.supervisor import process_alive
-from ralph_uv.errors import ErrorCode, RemoteError
+from ralph_uv.errors import ErrorCode, RalphError, RemoteError
 from ralph_uv.registry import Registry
 from ralph_uv.runner.http_info import HttpInfo, remove_http_info, write_http_info
 from ralph_uv.transports import close_connections, connect
@@ -239,7 +240,8 @@ async def test_relay_to_a_remote_loop_over_ssh(sshd: SSHServer, agent_server: Ag
 async def test_wait_for_session_waits_for_the_first_iteration() -> None:
     """A loop whose opencode server is up before its first session: wait_for_session keeps
     asking GET /session (telling the caller once that it waits) and returns the session as
-    soon as the server lists one; with none in time it returns None."""
+    soon as the server lists one. A refused password is an error at once, not a wait; a
+    server that never lists a session gives None when the time is up."""
     from ralph_uv.client.daemon import HttpAuth
     from ralph_uv.client.http_proxy import wait_for_session
 
@@ -253,8 +255,12 @@ async def test_wait_for_session_waits_for_the_first_iteration() -> None:
         listed = [] if asked < 4 else [{"id": "ses_first", "time": {"created": 1}}]
         return web.json_response(listed)
 
+    async def no_sessions(request: web.Request) -> web.Response:
+        return web.json_response([])
+
     app = web.Application()
     app.router.add_get("/session", sessions)
+    app.router.add_get("/never/session", no_sessions)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -266,6 +272,11 @@ async def test_wait_for_session_waits_for_the_first_iteration() -> None:
                                        on_wait=lambda: waits.append("waiting"))
         assert (found, asked, waits) == ("ses_first", 4, ["waiting"])
         wrong = HttpAuth(loop_id="l1", username="opencode", password="not-it")
-        assert await wait_for_session(url, wrong, timeout=0.3, interval=0.05) is None
+        started = time.monotonic()
+        with pytest.raises(RalphError, match="refused its password"):
+            await wait_for_session(url, wrong, timeout=10, interval=0.05)
+        assert time.monotonic() - started < 5
+        assert await wait_for_session(f"{url}/never", auth, timeout=0.3,
+                                      interval=0.05) is None
     finally:
         await runner.cleanup()

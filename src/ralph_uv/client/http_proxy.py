@@ -32,6 +32,7 @@ from ralph_uv.transports.base import Stream
 from ralph_uv.transports.pump import half_close, pump
 
 __all__ = [
+    "SESSION_WAIT",
     "HttpRelay",
     "attach_opencode",
     "latest_session",
@@ -177,27 +178,36 @@ def opencode_attach_env(auth: HttpAuth, base: Mapping[str, str] | None = None) -
     return env
 
 
-async def latest_session(url: str, auth: HttpAuth) -> str | None:
+async def latest_session(url: str, auth: HttpAuth, *, limit: float = 15.0) -> str | None:
     """The id of the most recently updated session on the opencode server at ``url`` (the
-    loop's current iteration), or ``None`` when there is none or the server does not say."""
+    loop's current iteration), or ``None`` when it has none yet; ``limit`` bounds the request
+    in seconds. A server that cannot be reached, refuses the password or answers something
+    else raises :class:`RalphError`."""
     import aiohttp
 
     from ralph_uv.agents.opencode_server import basic_auth
 
     headers = {"Authorization": basic_auth(auth.password, auth.username)}
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15),
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit),
                                          headers=headers) as http, \
                 http.get(f"{url}/session") as response:
+            if response.status == 401:
+                raise RalphError(f"loop {auth.loop_id}'s opencode server refused its password "
+                                 "(401); has the loop restarted its server? Try again")
             if response.status != 200:
-                log.info("GET /session answered %d", response.status)
-                return None
+                raise RalphError(f"loop {auth.loop_id}'s opencode server answered GET /session "
+                                 f"with HTTP {response.status}")
             sessions: Any = await response.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        log.info("cannot list the server's sessions: %s", exc)
-        return None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise TransportError(f"loop {auth.loop_id}'s opencode server cannot be reached: "
+                             f"{exc or type(exc).__name__}") from exc
+    except ValueError as exc:
+        raise RalphError(f"loop {auth.loop_id}'s opencode server sent sessions that are not "
+                         f"JSON: {exc}") from exc
     if not isinstance(sessions, list):
-        return None
+        raise RalphError(f"loop {auth.loop_id}'s opencode server sent sessions that are not a "
+                         "list")
 
     def updated(item: Any) -> float:
         times = item.get("time") if isinstance(item, dict) else None
@@ -219,12 +229,15 @@ async def wait_for_session(
     """The loop's current session (see :func:`latest_session`), waiting up to ``timeout``
     seconds for the runner to create one: a loop that has just started has its opencode
     server up before its first iteration's session. ``on_wait`` is called once, when the
-    first look finds none. ``None`` if none appeared in time."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    first look finds none. ``None`` if none appeared in time; a server that fails (see
+    :func:`latest_session`) raises at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     told = False
     while True:
-        found = await latest_session(url, auth)
-        if found is not None or asyncio.get_running_loop().time() >= deadline:
+        left = max(0.5, deadline - loop.time())
+        found = await latest_session(url, auth, limit=min(15.0, left))
+        if found is not None or loop.time() >= deadline:
             return found
         if not told and on_wait is not None:
             on_wait()
