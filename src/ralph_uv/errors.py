@@ -7,6 +7,7 @@ failure deep in the daemon reaches the CLI as a message that says what to do, ne
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "RemoteError",
     "TransportError",
     "UserError",
+    "from_os_error",
 ]
 
 
@@ -106,3 +108,13 @@ class RemoteError(RalphError):
 
 class InternalError(RalphError):
     """A bug in ralph-uv: the message asks the user to report it."""
+
+
+def from_os_error(exc: OSError) -> RalphError:
+    """What an ``OSError`` nobody expected means for the user: the file and the system's
+    words, ``DISK_FULL`` with what to do when the disk (or quota) is full."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RalphError(f"{where}no space left on the disk; free some space and try again",
+                          code=ErrorCode.DISK_FULL)
+    return RalphError(f"{where}{exc.strerror or exc}")

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ralph_uv import __version__
-from ralph_uv.errors import RalphError, UserError
+from ralph_uv.errors import RalphError, UserError, from_os_error
 
 __all__ = ["CliError", "cli", "main"]
 
@@ -35,6 +35,8 @@ class RalphGroup(click.Group):
             return super().invoke(ctx)
         except RalphError as exc:
             raise CliError(exc) from exc
+        except OSError as exc:  # a file or system problem no command expected
+            raise CliError(from_os_error(exc)) from exc
 
 
 @click.group(cls=RalphGroup, context_settings={"help_option_names": ["-h", "--help"]})

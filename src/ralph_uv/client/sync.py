@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import logging
 import os
@@ -190,8 +191,10 @@ async def _stream_upload(endpoint: Endpoint, stream: asyncio.StreamReader,
             call["upload"] = upload
         reply = await endpoint.call("sync_upload", call,
                                     timeout=_FINAL_TIMEOUT if final else _CALL_TIMEOUT)
-        if not isinstance(reply, dict):
-            raise RalphError("the remote sent a sync_upload reply that cannot be read")
+        key = "sha" if final else "upload"
+        if not isinstance(reply, dict) or not isinstance(reply.get(key), str):
+            raise RalphError(f"the remote sent a sync_upload reply without {key!r}; is its "
+                             "ralph-uv the same version as this one?")
         offset += len(chunk)
         if final:
             return str(reply["sha"])
@@ -241,16 +244,21 @@ async def pull_loop_branch(client: Client, repo_root: Path, loop: str,
         with os.fdopen(fd, "wb") as file:
             reply = await endpoint.call("pull_bundle", {"loop": loop, "have": have},
                                         timeout=_FINAL_TIMEOUT)
-            branch, sha = str(reply["branch"]), str(reply["sha"])
-            validate_branch_name(branch)
-            while True:
-                file.write(base64.b64decode(reply["bundle"]))
-                if int(reply["next"]) >= int(reply["end"]):
-                    break
-                reply = await endpoint.call(
-                    "pull_bundle",
-                    {"loop": loop, "download": reply["download"], "offset": reply["next"]},
-                    timeout=_CALL_TIMEOUT)
+            try:
+                branch, sha = str(reply["branch"]), str(reply["sha"])
+                validate_branch_name(branch)
+                while True:
+                    file.write(base64.b64decode(reply["bundle"], validate=True))
+                    if int(reply["next"]) >= int(reply["end"]):
+                        break
+                    reply = await endpoint.call(
+                        "pull_bundle",
+                        {"loop": loop, "download": reply["download"], "offset": reply["next"]},
+                        timeout=_CALL_TIMEOUT)
+            except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+                raise RalphError(f"the remote sent a pull_bundle reply that cannot be read "
+                                 f"({exc!r}); is its ralph-uv the same version as this "
+                                 "one?") from exc
             written = file.tell()
         notice = await asyncio.to_thread(_land, repo_root, bundle if written else None,
                                          branch, sha)

@@ -9,6 +9,7 @@ checkout there; ``b`` later brings its branch back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from ralph_uv.tui.app import RalphTui
 
 __all__ = ["NewLoopScreen"]
+
+log = logging.getLogger("ralph_uv.tui.new_loop")
 
 _DEFAULT_AGENT = "(configured default)"
 
@@ -73,6 +76,7 @@ class NewLoopScreen(ModalScreen[LoopKey | None]):
         self._location = location
         self.tasks: list[TaskInfo] = []
         self.agent_names: list[str] = [_DEFAULT_AGENT]  # as listed, default first
+        self._starting = False
 
     @property
     def tui(self) -> RalphTui:
@@ -150,10 +154,19 @@ class NewLoopScreen(ModalScreen[LoopKey | None]):
             self.action_cancel()
 
     def action_cancel(self) -> None:
+        if self._starting:
+            # Leaving now would cancel a start that may already be under way over there.
+            self.tui.say("the loop is being started; this form closes when it has", "warning")
+            return
         self.dismiss(None)
 
     def action_start(self) -> None:
-        """Start the loop as filled in."""
+        """Start the loop as filled in (once: a second press while starting is ignored)."""
+        if self._starting:
+            self.tui.say("the loop is being started already", "warning")
+            return
+        self._starting = True
+        self.query_one("#start", Button).disabled = True
         self._start()
 
     def _form(self) -> tuple[TaskInfo, str, RunOptions, SyncMode]:
@@ -182,8 +195,16 @@ class NewLoopScreen(ModalScreen[LoopKey | None]):
             else "bundle"
         return task, location, options, sync
 
-    @work(exclusive=True, group="start")
+    @work(group="start", exit_on_error=False)
     async def _start(self) -> None:
+        try:
+            await self._start_loop()
+        finally:
+            self._starting = False
+            if self.is_mounted:
+                self.query_one("#start", Button).disabled = False
+
+    async def _start_loop(self) -> None:
         source = self.tui.source
         try:
             task, location, options, sync = self._form()
@@ -199,6 +220,10 @@ class NewLoopScreen(ModalScreen[LoopKey | None]):
                 key = await source.start_remote_loop(plan, options, on_notice=self.tui.say)
         except RalphError as exc:
             self.tui.say(f"not started: {exc.message}", "error")
+            return
+        except Exception as exc:  # a bug, not bad input: the dashboard goes on
+            log.exception("starting a loop failed")
+            self.tui.say(f"not started: internal error {exc!r}; please report it", "error")
             return
         self.tui.say(f"started {task.name} on {location}: {key.loop_id}")
         self.dismiss(key)
