@@ -23,7 +23,7 @@ from tests.integration.remote_harness import (  # noqa: F401 - box_fixture: used
     task_repo,
 )
 from tests.integration.test_tui import SIZE, notices, wait_for
-from textual.widgets import Select
+from textual.widgets import Label, Select, TextArea
 
 from ralph_uv.client.remotes import get_remote
 from ralph_uv.status import LoopStatus
@@ -43,8 +43,9 @@ async def test_a_task_started_on_a_remote_from_the_dashboard(box: SSHServer,
     """`n` with box as the place: the branch goes over as a bundle and the loop runs in a
     checkout on box (the scripted agent commits one story per iteration); its detail shows
     the stories as box's prd.json has them; `e` writes the story's notes into box's prd.json,
-    and the detail then shows them with box's progress.txt entries about the story; `b`
-    brings the loop's branch into this repository without touching its work tree."""
+    and the detail then shows them with box's progress.txt entries about the story; notes that
+    cannot be saved come back in the editor; `b` brings the loop's branch into this
+    repository without touching its work tree."""
     repo = task_repo(tmp_path, stories=2)
     add_box(repo, box)
     app = RalphTui([remote_location(get_remote("box"), CLIENT)], client=CLIENT,
@@ -101,6 +102,21 @@ async def test_a_task_started_on_a_remote_from_the_dashboard(box: SSHServer,
         await wait_for(pilot, lambda: "check on box" in screen.story_text)
         assert "progress.txt (1)" in screen.story_text
         assert "box has no cache: mind it" in screen.story_text
+
+        # The checkout's prd.json gone (as after a clean-up): the editor still opens (prd.json
+        # is read from the loop's branch), the save is refused, and the typed text comes back
+        # in the editor, which says it was not saved.
+        (remote_task / "prd.json").rename(remote_task / "prd.json.away")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, TextScreen))
+        await pilot.press(*" - keep me")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: "US-001: notes not saved" in notices(app))
+        await wait_for(pilot, lambda: isinstance(app.screen, TextScreen)
+                       and "NOT SAVED" in str(app.screen.query_one(Label).render()))
+        assert app.screen.query_one(TextArea).text.endswith(" - keep me")
+        await pilot.press("escape")
+        (remote_task / "prd.json.away").rename(remote_task / "prd.json")
 
         await pilot.press("b")
         await wait_for(pilot, lambda: "pulled ralph/demo at " in notices(app), timeout=60)

@@ -11,6 +11,7 @@ Changes from the source are coalesced: the visible screen is redrawn at most
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections import deque
@@ -105,6 +106,7 @@ class RalphTui(App[None]):
             on_notice=lambda message: self.say(message, "warning"),
         )
         self._open_loop = open_loop
+        self._pulling: set[Path] = set()  # repositories a pull is writing into now
         self._refresh_timer: Timer | None = None
         self._source_closed = False
 
@@ -317,15 +319,25 @@ class RalphTui(App[None]):
         if view is None:
             raise UserError(f"{key}: no story selected (the loop has no current story)")
 
-        def edited(text: str | None) -> None:
-            if text is not None:
-                self._spawn(self._save_notes(key, view.story.id, text), "notes")
+        self._notes_editor(key, view.story.id, f"Notes of {view.story.id} ({view.story.title})",
+                           view.story.notes)
 
-        self.push_screen(TextScreen(f"Notes of {view.story.id} ({view.story.title})",
-                                    view.story.notes, send_label="Save"), edited)
+    def _notes_editor(self, key: LoopKey, story_id: str, title: str, text: str) -> None:
+        def edited(typed: str | None) -> None:
+            if typed is not None:
+                self._spawn(self._save_notes(key, story_id, typed), "notes")
+
+        self.push_screen(TextScreen(title, text, send_label="Save"), edited)
 
     async def _save_notes(self, key: LoopKey, story_id: str, text: str) -> None:
-        await self.source.save_notes(key, story_id, text)
+        try:
+            await self.source.save_notes(key, story_id, text)
+        except RalphError as exc:
+            # The text typed is not lost: the editor comes back with it, saying why.
+            self.say(f"{story_id}: notes not saved: {exc.message}", "error")
+            self._notes_editor(key, story_id, f"Notes of {story_id}: NOT SAVED "
+                               f"({exc.message}); copy them, or try again", text)
+            return
         where = "" if self.source.location(key.location).local_files else f" on {key.location}"
         self.say(f"{story_id}: notes saved to prd.json{where}")
         for screen in self.screen_stack:
@@ -345,10 +357,19 @@ class RalphTui(App[None]):
             self.say(f"{key} runs on this machine: {branch} is already in {row.task_dir}'s "
                      "repository; nothing to pull")
             return
-        repo = self.tasks_root or git_root()
-        self.say(f"pulling the branch of {key} into {repo}…")
-        branch, sha = await self.source.pull_branch(
-            key, repo, on_notice=lambda text: self.say(text))
+        repo = self.tasks_root
+        if repo is None:
+            repo = await asyncio.to_thread(git_root, None)
+        if repo in self._pulling:
+            raise UserError(f"a pull into {repo} is under way; wait for it to finish",
+                            code=ErrorCode.BAD_STATE)
+        self._pulling.add(repo)
+        try:
+            self.say(f"pulling the branch of {key} into {repo}…")
+            branch, sha = await self.source.pull_branch(
+                key, repo, on_notice=lambda text: self.say(text))
+        finally:
+            self._pulling.discard(repo)
         self.say(f"pulled {branch} at {sha[:12]} from {key.location}")
 
     def action_log(self) -> None:

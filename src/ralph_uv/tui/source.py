@@ -50,6 +50,7 @@ log = logging.getLogger("ralph_uv.tui.source")
 _LINK_FIRST_DELAY = 0.2
 _LINK_MAX_DELAY = 5.0
 _FIRST_ATTEMPT_WAIT = 10.0
+_REREAD_DELAY = 0.5
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -567,7 +568,15 @@ class LoopSource:
     async def read_task(self, key: LoopKey, current: str | None = None) -> TaskSnapshot:
         """The loop's task as it is now: read here when its folder is on this machine, else
         through its ralphd (``get_prd``, ``get_progress``). Never raises: a problem is the
-        snapshot's ``error``."""
+        snapshot's ``error``. An unreadable prd.json is read once more half a second later:
+        an agent may have been writing it."""
+        snapshot = await self._read_task(key, current)
+        if snapshot.prd is None and self.row(key) is not None:
+            await asyncio.sleep(_REREAD_DELAY)
+            snapshot = await self._read_task(key, current)
+        return snapshot
+
+    async def _read_task(self, key: LoopKey, current: str | None) -> TaskSnapshot:
         row = self.row(key)
         if row is None:
             return TaskSnapshot(Path("."), None, (), "", error=f"loop {key} is not known")

@@ -19,7 +19,7 @@ from typing import Any
 
 from ralph_uv.errors import RalphError
 from ralph_uv.prd import Prd, Story, load_prd, parse_prd, set_story_notes
-from ralph_uv.progress import PATTERNS_HEADING, read_log
+from ralph_uv.progress import LOG_READ_LIMIT, PATTERNS_HEADING, read_log
 from ralph_uv.tasks import PRD_FILE
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "task_from_documents",
 ]
 
-MAX_PROGRESS = 1024 * 1024  # characters of the progress log shown at most (the newest)
+MAX_PROGRESS = LOG_READ_LIMIT  # characters of the progress log shown at most (the newest)
 _SUMMARY = re.compile(r"^\[[^\]]+\] Iteration \d+")
 
 

@@ -229,10 +229,16 @@ class DetailScreen(LoopScreen):
         text = self.query_one("#story-text", Static)
         current = row.story if row.status.is_active else None
         snapshot = await self.source.read_task(self.key, current)
-        self.snapshot = snapshot
         if snapshot.error is not None:
+            if self.snapshot is not None and self.snapshot.prd is not None:
+                # Keep showing what was read last; say why it is not newer.
+                self.tui.say(f"{self.key}: prd.json not read again ({snapshot.error}); "
+                             "showing the last one read", "warning")
+                return
+            self.snapshot = snapshot
             text.update(Text(f"prd.json cannot be read: {snapshot.error}", style="red"))
             return
+        self.snapshot = snapshot
         self.stories.show(snapshot)
         self._show_story(self.stories.selected_story)
 
