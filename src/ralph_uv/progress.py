@@ -24,6 +24,7 @@ from ralph_uv.prd import write_text_atomic
 from ralph_uv.tasks import PROGRESS_FILE
 
 __all__ = [
+    "LOG_READ_LIMIT",
     "PATTERNS_HEADING",
     "PROGRESS_HEADER",
     "append_summary",
@@ -36,6 +37,9 @@ __all__ = [
 log = logging.getLogger("ralph_uv.progress")
 
 PATTERNS_HEADING = "## Codebase Patterns"
+# Characters of a progress log shown to a client at most (the newest): even as 6-byte JSON
+# escapes they fit in one message of the default 4 MiB limit.
+LOG_READ_LIMIT = 512 * 1024
 _TITLE = "# Ralph progress log"
 _EMPTY_PATTERNS = (
     f"{PATTERNS_HEADING}\n"

@@ -16,7 +16,8 @@ Methods (every name, branch and URL is checked by :mod:`ralph_uv.validation` fir
   comes in chunks: pass the ``download`` id and ``offset = next`` until ``next == end``.
 - ``get_prd {loop}`` → the loop's prd.json; ``set_story_notes {loop, story, notes}``
 - ``get_progress {loop, limit?}`` → ``{loop_id, text, truncated}``: the task's progress log
-  (archives, then progress.txt), its newest ``limit`` characters (at most 512 Ki)
+  (archives, then progress.txt), its newest ``limit`` characters (at most 512 Ki); once a
+  loop's checkout is cleaned up, progress.txt as its branch holds it (no archives)
 - ``get_http_auth {loop}`` → ``{username, password, url}`` of the loop's opencode server
 
 Transfers left idle for 15 minutes are dropped, and so is everything in transit when ralphd
@@ -42,7 +43,7 @@ from ralph_uv.daemon.config import DaemonConfig
 from ralph_uv.daemon.workspaces import Checkout, CheckoutState, Workspaces, read_checkout
 from ralph_uv.errors import ErrorCode, RalphError, UserError
 from ralph_uv.prd import load_prd, set_story_notes
-from ralph_uv.progress import read_log
+from ralph_uv.progress import LOG_READ_LIMIT, read_log
 from ralph_uv.protocol import Dispatcher
 from ralph_uv.protocol.dispatch import InvalidParams
 from ralph_uv.registry import LOCAL, Registry, SessionRecord
@@ -72,9 +73,7 @@ __all__ = [
 log = logging.getLogger("ralph_uv.daemon.sync")
 
 MAX_CHUNK = 1024 * 1024
-# Characters of a progress log one get_progress sends: even as 6-byte JSON escapes they fit in
-# one message of the default 4 MiB limit.
-MAX_PROGRESS_TEXT = 512 * 1024
+MAX_PROGRESS_TEXT = LOG_READ_LIMIT  # characters of a progress log one get_progress sends
 TRANSFER_IDLE = 900.0
 MAINTENANCE_INTERVAL = 3600.0
 _MAX_NOTES = 64 * 1024
@@ -573,11 +572,14 @@ async def _get_progress(conn: _Connection, params: _Progress) -> dict[str, Any]:
     if await asyncio.to_thread(folder.is_dir):
         text, truncated = await asyncio.to_thread(read_log, folder, params.limit)
     else:
+        # The checkout is gone: the branch may hold progress.txt (not its archives).
         committed = await _committed_task_file(server, record, PROGRESS_FILE)
         if committed is None:
+            cleaned = read_checkout(server.dirs.loop_dir(record.loop_id)) is not None
             raise RalphError(
-                f"loop {record.loop_id}: {folder} is gone (its checkout was cleaned up) and "
-                f"its branch holds no {PROGRESS_FILE}", code=ErrorCode.BAD_STATE)
+                f"loop {record.loop_id}: {folder} is gone"
+                + (f" (its checkout was cleaned up) and its branch holds no {PROGRESS_FILE}"
+                   if cleaned else ""), code=ErrorCode.BAD_STATE)
         text, truncated = committed[-params.limit:], len(committed) > params.limit
     return {"loop_id": record.loop_id, "text": text, "truncated": truncated}
 
