@@ -7,12 +7,10 @@ BIN         := $(VENV)/bin
 NODE_PREFIX := .tools/node
 NODE_BIN    := $(abspath $(NODE_PREFIX)/node_modules/.bin)
 APT_PKGS    := git tmux openssh-server openssh-client iproute2
-# The agent CLIs' versions are pinned so every run tests the same agents; raise them together
-# with a run of the end-to-end tests (tests/e2e) against the new versions.
-CLAUDE_VERSION   := 2.1.329
-OPENCODE_VERSION := 1.18.33
-AGENT_PKGS  := @anthropic-ai/claude-code@$(CLAUDE_VERSION) opencode-ai@$(OPENCODE_VERSION)
-AGENT_STAMP := $(NODE_PREFIX)/.installed-claude-$(CLAUDE_VERSION)-opencode-$(OPENCODE_VERSION)
+# The agent CLIs at the versions ralph-uv is tested with: one list for this Makefile and for
+# ralphd's installs (src/ralph_uv/data/agent-packages.txt). Changing it reinstalls them here.
+AGENT_LIST  := src/ralph_uv/data/agent-packages.txt
+AGENT_PKGS  := $(shell grep -v '^\#' $(AGENT_LIST))
 PYTEST_ARGS ?=
 
 export PATH := $(NODE_BIN):$(abspath $(BIN)):$(PATH)
@@ -44,14 +42,13 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-$(AGENT_STAMP):
+$(NODE_PREFIX)/.installed: $(AGENT_LIST)
 	@command -v npm >/dev/null 2>&1 || $(MAKE) system-deps
 	mkdir -p $(NODE_PREFIX)
-	rm -f $(NODE_PREFIX)/.installed*
 	npm install --prefix $(NODE_PREFIX) --no-fund --no-audit --loglevel=error $(AGENT_PKGS)
 	touch $@
 
-agents: $(AGENT_STAMP)
+agents: $(NODE_PREFIX)/.installed
 
 demo: venv agents
 	$(BIN)/ralph-uv demo

@@ -5,6 +5,8 @@ success, failure or a hang."""
 from __future__ import annotations
 
 import os
+import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -37,13 +39,22 @@ def bin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+def _pinned(package: str) -> str:
+    """``package@version`` as data/agent-packages.txt pins it (the list make agents uses)."""
+    text = resources.files("ralph_uv.data").joinpath("agent-packages.txt").read_text()
+    [spec] = [line for line in text.splitlines() if line.startswith(f"{package}@")]
+    assert re.fullmatch(rf"{re.escape(package)}@\d+\.\d+\.\d+", spec)
+    return spec
+
+
 def test_the_install_commands() -> None:
-    """claude (and claude-print) and opencode install their npm packages globally; any other
-    agent is refused with AGENT_NOT_FOUND saying to install it by hand."""
+    """claude (and claude-print) and opencode install their npm packages globally, at the
+    versions pinned in data/agent-packages.txt; any other agent is refused with
+    AGENT_NOT_FOUND saying to install it by hand."""
     assert install_command("claude") == [
-        "npm", "install", "-g", "--no-fund", "--no-audit", "@anthropic-ai/claude-code"]
-    assert install_command("claude-print")[-1] == "@anthropic-ai/claude-code"
-    assert install_command("opencode")[-1] == "opencode-ai"
+        "npm", "install", "-g", "--no-fund", "--no-audit", _pinned("@anthropic-ai/claude-code")]
+    assert install_command("claude-print")[-1] == _pinned("@anthropic-ai/claude-code")
+    assert install_command("opencode")[-1] == _pinned("opencode-ai")
     with pytest.raises(AgentNotFoundError) as caught:
         install_command("aider")
     assert caught.value.code == ErrorCode.AGENT_NOT_FOUND
@@ -54,7 +65,8 @@ async def test_npm_runs_with_the_package(bin_dir: Path) -> None:
     """install_agent runs the npm found on PATH with `install -g ... opencode-ai`."""
     log = stand_in_npm(bin_dir, "echo 'added 1 package'")
     await install_agent("opencode")
-    assert log.read_text().splitlines() == ["install -g --no-fund --no-audit opencode-ai"]
+    assert log.read_text().splitlines() == [
+        f"install -g --no-fund --no-audit {_pinned('opencode-ai')}"]
 
 
 async def test_npm_failure_carries_its_output(bin_dir: Path) -> None:
@@ -83,7 +95,7 @@ async def test_no_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(AgentNotFoundError) as caught:
         await install_agent("opencode")
     assert "install Node.js and npm" in caught.value.message
-    assert "npm install -g --no-fund --no-audit opencode-ai" in caught.value.message
+    assert f"npm install -g --no-fund --no-audit {_pinned('opencode-ai')}" in caught.value.message
 
 
 def _config(binary: str) -> Config:
@@ -106,4 +118,5 @@ async def test_ensure_agent_installs_then_finds_the_agent(bin_dir: Path) -> None
     await ensure_agent("claude", _config(binary), install=True)
     assert (bin_dir / binary).is_file()
     calls = log.read_text().splitlines()
-    assert calls == ["install -g --no-fund --no-audit @anthropic-ai/claude-code"] * 2
+    assert calls == [
+        f"install -g --no-fund --no-audit {_pinned('@anthropic-ai/claude-code')}"] * 2

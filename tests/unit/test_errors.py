@@ -50,6 +50,6 @@ def test_the_cli_turns_an_unexpected_os_error_into_a_message() -> None:
 
 def test_a_record_with_a_status_from_a_newer_version_is_refused_clearly() -> None:
     """A loop record whose status this version does not know is a UserError saying so."""
-    with pytest.raises(UserError, match="unknown loop status .hibernating.; use one of"):
+    with pytest.raises(UserError, match=r"unknown loop status 'hibernating'; use one of"):
         SessionRecord.from_dict({"loop_id": "a-1", "task_name": "a", "task_dir": "/t",
                                  "agent": "claude", "status": "hibernating"})

@@ -1,7 +1,8 @@
 """Installing an agent CLI with npm when a client asks for it (``start_loop {install_agents}``).
 
 Only the agents whose npm package ralph-uv knows can be installed this way: Claude Code
-(``@anthropic-ai/claude-code``) and OpenCode (``opencode-ai``). The install runs
+(``@anthropic-ai/claude-code``) and OpenCode (``opencode-ai``), at the versions ralph-uv is
+tested with (``data/agent-packages.txt``, which ``make agents`` installs too). The install runs
 ``npm install -g <package>`` with a time limit; when it fails, the error carries the end of
 npm's output so the person can see why (no network, no permission for the global prefix, ...).
 """
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from importlib import resources
 
 from ralph_uv.agents import agent_names, detect_agents
 from ralph_uv.agents.detect import AgentInfo
@@ -23,11 +25,28 @@ __all__ = ["INSTALL_TIMEOUT", "NPM_PACKAGES", "ensure_agent", "install_agent", "
 log = logging.getLogger("ralph_uv.daemon.install")
 
 INSTALL_TIMEOUT = 600.0
-NPM_PACKAGES = {
+_PACKAGE_OF = {
     "claude": "@anthropic-ai/claude-code",
     "claude-print": "@anthropic-ai/claude-code",
     "opencode": "opencode-ai",
 }
+
+
+def _pinned_packages() -> dict[str, str]:
+    """Each package name in data/agent-packages.txt with its pinned ``name@version``."""
+    text = resources.files("ralph_uv.data").joinpath("agent-packages.txt").read_text("utf-8")
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        spec = line.strip()
+        if spec and not spec.startswith("#"):
+            found[spec.rpartition("@")[0]] = spec
+    return found
+
+
+_PINNED = _pinned_packages()
+NPM_PACKAGES = {agent: _PINNED.get(package, package) for agent, package in _PACKAGE_OF.items()}
+"""The npm package (``name@version``, the version ralph-uv is tested with) of each agent that
+can be installed for a client."""
 _OUTPUT_TAIL = 2000
 
 
