@@ -410,3 +410,59 @@ def test_claude_loop_on_a_remote_attach_stop_and_pull(
         assert git(repo, "status", "--porcelain") == ""
         assert model.requests
 
+
+
+# ------------------------------------------------------------------- the whole flow, opencode
+
+
+def test_opencode_loop_on_a_remote_attach_through_ssh(
+    box: SSHServer, tmux: Tmux, tmp_path: Path  # noqa: F811
+) -> None:
+    """The real opencode runs the sample task on the remote (held mid-iteration by the model);
+    `ralph-uv attach` here runs the real `opencode attach` on a local port relayed over SSH to
+    the loop's opencode server over there: its TUI shows the loop's session (the prompt's
+    COMPLETE instruction), the server's password is on no command line here, and leaving
+    opencode (Ctrl-C) ends the command with status 0; then the loop is stopped."""
+    if find_binary("opencode") is None:
+        pytest.skip("the opencode CLI is not installed (make agents)")
+    gated = GatedModel(0.5)
+    with ThreadedModelServer(gated) as model, contextlib.ExitStack() as leaving:
+        leaving.callback(gated.open)  # held replies go before the server stops
+        env = offline_agent_env(tmp_path / "agent", model.base_url, [])
+        write_remote_config(box.remote_home, env=env)
+        repo = make_sample_repo(tmp_path / "textkit")
+        git(repo, "switch", "-q", "-c", "ralph/textkit")
+        add_box(repo, box)
+        loop_id = _started(ok_run(repo, "run", ".", "--on", "box", "--agent", "opencode",
+                                  "--yolo", "--detach", "--max-iterations", "2"))
+        wait_until(lambda: model.requests, timeout=90)  # the first iteration has begun
+
+        line = " ".join(shlex.quote(part) for part in (*RALPH, "attach", "textkit"))
+        shell = (f"env RALPH_HOME={shlex.quote(os.environ['RALPH_HOME'])} "
+                 f"HOME={shlex.quote(os.environ['HOME'])} TERM=xterm-256color {line}; "
+                 "echo ATTACH-EXIT=$?; trap '' INT; sleep 600")
+        tmux("new-session", "-d", "-s", "oc", "-x", str(COLS), "-y", str(ROWS), "-c",
+             str(repo), shell)
+        try:
+            wait_until(lambda: "<promise>COMPLETE</promise>" in tmux.text("oc"), timeout=90)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the pane shows:\n{tmux.text('oc')}") from None
+        info = json.loads((remote_paths(box.remote_home).loop_dir(loop_id) / "http.json")
+                          .read_text())
+        password = str(info["password"]).encode()
+        own = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+        lines = []
+        for pid in own:
+            with contextlib.suppress(OSError):
+                lines.append((pid / "cmdline").read_bytes())
+        assert not [c for c in lines if password in c]
+        tmux.keys("oc", "C-c")
+        try:
+            wait_until(lambda: "ATTACH-EXIT=" in tmux.text("oc"), timeout=10)
+        except AssertionError:  # the first Ctrl-C only cleared something; the second leaves
+            tmux.keys("oc", "C-c")
+            wait_until(lambda: "ATTACH-EXIT=" in tmux.text("oc"), timeout=20)
+        assert "ATTACH-EXIT=0" in tmux.text("oc")
+        ok(ralph(repo, "stop", "textkit", "--now"))
+        wait_until(lambda: remote_loop(box.remote_home, loop_id).status.is_terminal,
+                   timeout=60)
