@@ -1,9 +1,14 @@
-"""Key-press response time of ``ralph-uv tui`` with 50 loops while one writes 10 MB/s.
+"""Key-press response time of ``ralph-uv tui`` with 50 loops across 3 remotes while one loop
+writes 10 MB/s.
 
-In a throw-away RALPH_HOME, a real ralphd starts ``--loops`` loops (each in its own small git
+In throw-away RALPH_HOMEs, real ralphds run ``--loops`` loops (each in its own small git
 repository): ``--loops - 1`` agents that wait quietly and one that writes numbered lines at
-``--rate-mb`` MB/s into its PTY. The dashboard then runs in this process (Textual's headless
-driver: everything but writing to a terminal), connected to that ralphd like any client, and
+``--rate-mb`` MB/s into its PTY. The loops are spread over this machine's ralphd and
+``--remotes`` more ralphds, each in a RALPH_HOME of its own: the dashboard lists them as remote
+locations, each with its own connection, reached over their Unix sockets (what a network
+transport adds per message is measured by bench_transports.py and bench_remote.py). The
+flooding loop runs on the local one. The dashboard runs in this process (Textual's headless
+driver: everything but writing to a terminal), connected to those ralphds like any client, and
 keys are posted to it as a terminal's keys would be, at random intervals of 30-120 ms.
 
 A key press's response time runs from posting the key to the first screen update drawn after
@@ -17,7 +22,7 @@ the key took effect (the table's cursor moved; the focus moved; the view scrolle
 
 Target: p99 <= 100 ms in each. The output rate reaching the dashboard is printed too.
 
-Usage: python benchmarks/bench_tui.py [--loops 50] [--rate-mb 10] [--presses 150]
+Usage: python benchmarks/bench_tui.py [--loops 50] [--remotes 3] [--rate-mb 10] [--presses 150]
 The last line printed is one JSON object with every figure.
 """
 
@@ -81,9 +86,15 @@ def _task(root: Path, number: int) -> Path:
     return task
 
 
-def _setup(root: Path, home: Path, loops: int, rate_mb: float) -> list[Path]:
+def _setup(root: Path, homes: list[Path], loops: int, rate_mb: float) -> list[Path]:
     (root / "flood.py").write_text(_FLOOD)
     (root / "idle.py").write_text(_IDLE)
+    for home in homes:
+        _configure(root, home, loops, rate_mb)
+    return [_task(root, n) for n in range(loops)]
+
+
+def _configure(root: Path, home: Path, loops: int, rate_mb: float) -> None:
     config = home / "config"
     config.mkdir(parents=True)
     flood = [sys.executable, str(root / "flood.py"), str(rate_mb), "{prompt_file}"]
@@ -94,7 +105,6 @@ def _setup(root: Path, home: Path, loops: int, rate_mb: float) -> list[Path]:
         f"[agents.idle]\ncommand = {json.dumps(idle)}\n"
     )
     (config / "daemon.toml").write_text(f"max_concurrent_loops = {loops + 10}\n")
-    return [_task(root, n) for n in range(loops)]
 
 
 def _start_ralphd(home: Path) -> subprocess.Popen[bytes]:
@@ -102,6 +112,7 @@ def _start_ralphd(home: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "ralph_uv.daemon", "start", "--foreground"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        env={**os.environ, "RALPH_HOME": str(home)},
     )
     sock = home / "run" / "ralphd.sock"
     deadline = time.monotonic() + 30
@@ -138,12 +149,14 @@ class _Probe:
             self.done.set_result(time.perf_counter() - self.posted)
 
 
-async def _run(args: argparse.Namespace, tasks: list[Path]) -> dict[str, Any]:
+async def _run(args: argparse.Namespace, tasks: list[Path],
+               remotes: list[Path]) -> dict[str, Any]:
     from textual import events
 
-    from ralph_uv.client.daemon import connect_daemon
+    from ralph_uv.client.daemon import DaemonClient, connect_daemon
+    from ralph_uv.transports.unix import open_unix
     from ralph_uv.tui.app import RalphTui
-    from ralph_uv.tui.locations import local_location
+    from ralph_uv.tui.locations import local_location, unix_location
     from ralph_uv.tui.screens.detail import DetailScreen
     from ralph_uv.tui.source import LoopKey
     from ralph_uv.tui.widgets.loops_table import LoopsTable
@@ -157,16 +170,25 @@ async def _run(args: argparse.Namespace, tasks: list[Path]) -> dict[str, Any]:
                 probe.drawn()
             super()._display(screen, renderable)
 
-    daemon = await connect_daemon(autostart=False, client="bench")
-    flood_id = ""
-    for number, task in enumerate(tasks):
-        agent = "flood" if number == 0 else "idle"
-        record = await daemon.start_loop(task, task_name=task.name, agent=agent,
-                                         max_iterations=1)
-        flood_id = flood_id or record.loop_id
-    await daemon.close()
+    sockets = [home / "run" / "ralphd.sock" for home in remotes]
 
-    app = _TimedTui([local_location("bench", autostart=False)], client="bench")
+    async def remote_daemon(sock: Path) -> DaemonClient:
+        return await DaemonClient.open(lambda: open_unix(sock), client="bench")
+
+    daemons = [await connect_daemon(autostart=False, client="bench"),
+               *[await remote_daemon(sock) for sock in sockets]]
+    flood_id = ""
+    for number, task in enumerate(tasks):  # round robin; loop 0 (the flood) on the local one
+        agent = "flood" if number == 0 else "idle"
+        record = await daemons[number % len(daemons)].start_loop(
+            task, task_name=task.name, agent=agent, max_iterations=1)
+        flood_id = flood_id or record.loop_id
+    for daemon in daemons:
+        await daemon.close()
+
+    app = _TimedTui([local_location("bench", autostart=False),
+                     *[unix_location(f"remote{n}", sock, "bench")
+                       for n, sock in enumerate(sockets, start=1)]], client="bench")
     figures: dict[str, Any] = {}
     async with app.run_test(size=(140, 40)) as pilot:
         deadline = time.monotonic() + 120
@@ -252,6 +274,7 @@ async def _run(args: argparse.Namespace, tasks: list[Path]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loops", type=int, default=50)
+    parser.add_argument("--remotes", type=int, default=3)
     parser.add_argument("--rate-mb", type=float, default=10.0)
     parser.add_argument("--presses", type=int, default=150)
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -262,13 +285,14 @@ def main() -> None:
     for name in list(os.environ):
         if name.startswith("RALPH_") and name != "RALPH_HOME":
             del os.environ[name]
-    ralphd: subprocess.Popen[bytes] | None = None
+    remotes = [root / f"r{n}" for n in range(1, args.remotes + 1)]
+    ralphds: list[subprocess.Popen[bytes]] = []
     try:
-        tasks = _setup(root, home, args.loops, args.rate_mb)
-        ralphd = _start_ralphd(home)
-        figures = asyncio.run(_run(args, tasks))
+        tasks = _setup(root, [home, *remotes], args.loops, args.rate_mb)
+        ralphds = [_start_ralphd(h) for h in (home, *remotes)]
+        figures = asyncio.run(_run(args, tasks, remotes))
     finally:
-        _cleanup(root, ralphd)
+        _cleanup(root, ralphds)
         shutil.rmtree(root, ignore_errors=True)
     result = {
         "date": datetime.date.today().isoformat(),
@@ -276,13 +300,14 @@ def main() -> None:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "loops": args.loops,
+        "remotes": args.remotes,
         "rate_mb_s": args.rate_mb,
         "presses": args.presses,
         **figures,
         "target_p99_ms": TARGET_P99_MS,
     }
     print(f"machine: {result['cpu']}, {result['cores']} cores, Python {result['python']}; "
-          f"{result['date']}")
+          f"{result['date']}; {args.loops} loops across this ralphd and {args.remotes} remote ones")
     for scene in ("loops_screen", "detail_screen", "detail_scroll"):
         print(f"{scene}: key press -> screen p50 {figures[scene + '_p50_ms']} ms, p99 "
               f"{figures[scene + '_p99_ms']} ms, max {figures[scene + '_max_ms']} ms "
@@ -293,11 +318,13 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def _cleanup(root: Path, ralphd: subprocess.Popen[bytes] | None) -> None:
-    """Stop ralphd, then every process of this run (runners and agents: their command lines
-    name the run's temporary folder), so none outlives the benchmark."""
-    if ralphd is not None and ralphd.poll() is None:
-        ralphd.send_signal(signal.SIGTERM)
+def _cleanup(root: Path, ralphds: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the ralphds, then every process of this run (runners and agents: their command
+    lines name the run's temporary folder), so none outlives the benchmark."""
+    for ralphd in ralphds:
+        if ralphd.poll() is None:
+            ralphd.send_signal(signal.SIGTERM)
+    for ralphd in ralphds:
         try:
             ralphd.wait(15)
         except subprocess.TimeoutExpired:
